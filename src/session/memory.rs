@@ -1,1 +1,386 @@
-//! (being written)
+//! An in-process [`SessionStore`] for dev mode and tests.
+//!
+//! Expiry is judged against the injected [`Clock`], so a test can move time with
+//! `clock::ManualClock` instead of sleeping. Expired entries behave as absent at once; they are
+//! removed when next touched, and a sweep every [`SWEEP_EVERY`] writes drops the ones nobody
+//! touches again, so memory does not grow without bound.
+//!
+//! Every operation takes one `std` mutex, does its map work and releases it without awaiting, which
+//! is what makes take-once and create-if-absent atomic. State is not shared between processes:
+//! this store is for a single replica only.
+
+use super::store::{SessionStore, StoreError, StoredSession};
+use super::token::{LoginKey, SessionId};
+use crate::clock::Clock;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+/// Writes between sweeps of expired entries. Small enough to bound the garbage, large enough that
+/// the O(n) sweep is rare.
+const SWEEP_EVERY: u32 = 1024;
+
+/// Redis refuses `PX 0`; the memory store rounds the same way so both behave alike.
+const MIN_TTL: Duration = Duration::from_millis(1);
+
+pub struct MemoryStore {
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    logins: HashMap<LoginKey, Entry>,
+    sessions: HashMap<SessionId, Entry>,
+    writes_since_sweep: u32,
+}
+
+struct Entry {
+    value: Vec<u8>,
+    expires_at: SystemTime,
+}
+
+impl Entry {
+    fn new(value: &[u8], now: SystemTime, ttl: Duration) -> Self {
+        Entry {
+            value: value.to_vec(),
+            expires_at: deadline(now, ttl),
+        }
+    }
+
+    fn is_live(&self, now: SystemTime) -> bool {
+        now < self.expires_at
+    }
+
+    fn remaining(&self, now: SystemTime) -> Duration {
+        self.expires_at
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// `now + ttl`, rounded up to [`MIN_TTL`], saturating far in the future instead of overflowing.
+fn deadline(now: SystemTime, ttl: Duration) -> SystemTime {
+    let ttl = ttl.max(MIN_TTL);
+    now.checked_add(ttl).unwrap_or_else(|| far_future(now))
+}
+
+fn far_future(now: SystemTime) -> SystemTime {
+    // About 136 years: longer than any session, and representable on every platform.
+    now.checked_add(Duration::from_secs(u64::from(u32::MAX)))
+        .unwrap_or(now)
+}
+
+/// The live entry under `key`, dropping it first if it has expired.
+fn live_entry<'m, K: Eq + Hash>(
+    map: &'m mut HashMap<K, Entry>,
+    key: &K,
+    now: SystemTime,
+) -> Option<&'m mut Entry> {
+    if map.get(key).is_some_and(|e| !e.is_live(now)) {
+        map.remove(key);
+    }
+    map.get_mut(key)
+}
+
+/// Inserts unless a live entry exists. Returns whether it inserted.
+fn insert_if_absent<K: Eq + Hash>(
+    map: &mut HashMap<K, Entry>,
+    key: K,
+    entry: Entry,
+    now: SystemTime,
+) -> bool {
+    match map.entry(key) {
+        MapEntry::Occupied(mut slot) => {
+            if slot.get().is_live(now) {
+                return false;
+            }
+            slot.insert(entry);
+            true
+        }
+        MapEntry::Vacant(slot) => {
+            slot.insert(entry);
+            true
+        }
+    }
+}
+
+impl State {
+    fn note_write(&mut self, now: SystemTime) {
+        self.writes_since_sweep += 1;
+        if self.writes_since_sweep >= SWEEP_EVERY {
+            self.sweep(now);
+        }
+    }
+
+    fn sweep(&mut self, now: SystemTime) {
+        self.logins.retain(|_, e| e.is_live(now));
+        self.sessions.retain(|_, e| e.is_live(now));
+        self.writes_since_sweep = 0;
+    }
+}
+
+impl MemoryStore {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        MemoryStore {
+            clock,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Runs `f` under the lock with the current time. The clock is read before locking so a slow
+    /// clock never extends the critical section.
+    fn with_state<T>(&self, f: impl FnOnce(&mut State, SystemTime) -> T) -> T {
+        let now = self.clock.now();
+        let mut guard = self.lock();
+        f(&mut guard, now)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Each operation is a single map call that leaves the maps consistent even if it
+        // unwinds, so a poisoned lock still guards valid state: keep serving.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("MemoryStore")
+            .field("pending_logins", &state.logins.len())
+            .field("sessions", &state.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionStore for MemoryStore {
+    async fn put_pending_login(
+        &self,
+        key: &LoginKey,
+        sealed: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with_state(|state, now| {
+            let inserted = insert_if_absent(
+                &mut state.logins,
+                key.clone(),
+                Entry::new(sealed, now, ttl),
+                now,
+            );
+            state.note_write(now);
+            inserted
+        }))
+    }
+
+    async fn take_pending_login(&self, key: &LoginKey) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.with_state(|state, now| {
+            state
+                .logins
+                .remove(key)
+                .filter(|e| e.is_live(now))
+                .map(|e| e.value)
+        }))
+    }
+
+    async fn create_session(
+        &self,
+        id: &SessionId,
+        sealed: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with_state(|state, now| {
+            let inserted = insert_if_absent(
+                &mut state.sessions,
+                id.clone(),
+                Entry::new(sealed, now, ttl),
+                now,
+            );
+            state.note_write(now);
+            inserted
+        }))
+    }
+
+    async fn replace_session(
+        &self,
+        id: &SessionId,
+        sealed: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with_state(
+            |state, now| match live_entry(&mut state.sessions, id, now) {
+                Some(entry) => {
+                    *entry = Entry::new(sealed, now, ttl);
+                    true
+                }
+                None => false,
+            },
+        ))
+    }
+
+    async fn get_session(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        Ok(self.with_state(|state, now| {
+            live_entry(&mut state.sessions, id, now).map(|e| StoredSession {
+                sealed: e.value.clone(),
+                ttl: e.remaining(now),
+            })
+        }))
+    }
+
+    async fn touch_session(&self, id: &SessionId, ttl: Duration) -> Result<bool, StoreError> {
+        Ok(self.with_state(
+            |state, now| match live_entry(&mut state.sessions, id, now) {
+                Some(entry) => {
+                    entry.expires_at = deadline(now, ttl);
+                    true
+                }
+                None => false,
+            },
+        ))
+    }
+
+    async fn delete_session(&self, id: &SessionId) -> Result<bool, StoreError> {
+        Ok(self.with_state(|state, now| state.sessions.remove(id).is_some_and(|e| e.is_live(now))))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use std::time::UNIX_EPOCH;
+
+    fn start() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn store() -> (Arc<ManualClock>, MemoryStore) {
+        let clock = Arc::new(ManualClock::new(start()));
+        (clock.clone(), MemoryStore::new(clock))
+    }
+
+    fn id(n: u8) -> SessionId {
+        SessionId::parse(&format!("{n:032x}")).expect("32 lowercase hex digits form a session id")
+    }
+
+    #[test]
+    fn deadlines_round_up_and_saturate() {
+        let now = start();
+        let cases = [
+            (Duration::ZERO, now + MIN_TTL),
+            (Duration::from_nanos(1), now + MIN_TTL),
+            (Duration::from_millis(5), now + Duration::from_millis(5)),
+            (Duration::MAX, far_future(now)),
+        ];
+        for (ttl, want) in cases {
+            assert_eq!(deadline(now, ttl), want, "ttl {ttl:?}");
+        }
+    }
+
+    #[test]
+    fn entries_are_live_strictly_before_their_deadline() {
+        let now = start();
+        let e = Entry::new(b"v", now, Duration::from_secs(10));
+        assert!(e.is_live(now));
+        assert!(e.is_live(now + Duration::from_millis(9_999)));
+        assert!(!e.is_live(now + Duration::from_secs(10)));
+        assert_eq!(
+            e.remaining(now + Duration::from_secs(4)),
+            Duration::from_secs(6)
+        );
+        assert_eq!(e.remaining(now + Duration::from_secs(11)), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn expired_entries_are_removed_when_touched() {
+        let (clock, store) = store();
+        assert!(
+            store
+                .create_session(&id(1), b"a", Duration::from_secs(1))
+                .await
+                .unwrap()
+        );
+        clock.advance(Duration::from_secs(2));
+        assert!(store.get_session(&id(1)).await.unwrap().is_none());
+        assert_eq!(store.lock().sessions.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_expired_id_can_be_created_again() {
+        let (clock, store) = store();
+        assert!(
+            store
+                .create_session(&id(1), b"a", Duration::from_secs(1))
+                .await
+                .unwrap()
+        );
+        clock.advance(Duration::from_secs(1));
+        assert!(
+            store
+                .create_session(&id(1), b"b", Duration::from_secs(1))
+                .await
+                .unwrap()
+        );
+        let got = store
+            .get_session(&id(1))
+            .await
+            .unwrap()
+            .expect("just created");
+        assert_eq!(got.sealed, b"b");
+    }
+
+    #[tokio::test]
+    async fn deleting_an_expired_session_reports_it_absent() {
+        let (clock, store) = store();
+        assert!(
+            store
+                .create_session(&id(1), b"a", Duration::from_secs(1))
+                .await
+                .unwrap()
+        );
+        clock.advance(Duration::from_secs(5));
+        assert!(!store.delete_session(&id(1)).await.unwrap());
+        assert_eq!(store.lock().sessions.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_drops_entries_nobody_reads_again() {
+        let (clock, store) = store();
+        for n in 0..10u8 {
+            let key = LoginKey::from_state(&format!("state-{n}"));
+            assert!(
+                store
+                    .put_pending_login(&key, b"p", Duration::from_secs(1))
+                    .await
+                    .unwrap()
+            );
+        }
+        clock.advance(Duration::from_secs(2));
+        let keep = LoginKey::from_state("kept");
+        // Ten writes so far; these bring the count to exactly one sweep.
+        for _ in 10..SWEEP_EVERY {
+            store
+                .put_pending_login(&keep, b"k", Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        let state = store.lock();
+        assert_eq!(state.logins.len(), 1, "only the live entry survives");
+        assert!(state.logins.contains_key(&keep));
+        assert_eq!(state.writes_since_sweep, 0);
+    }
+
+    #[test]
+    fn debug_shows_counts_not_values() {
+        let (_, store) = store();
+        let shown = format!("{store:?}");
+        assert!(shown.contains("sessions: 0"), "{shown}");
+    }
+}
