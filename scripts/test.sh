@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The one test command (README, CI): makes sure a Redis server is installed, starts a private one
+# on a free port, runs the format check, clippy and every test against it, and stops what it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+say() { printf '\n==> %s\n' "$*"; }
+
+ensure_redis() {
+  if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then return; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing redis-server from Debian's packages"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is not installed and cannot be installed here (needs root and apt-get)" >&2
+    exit 1
+  fi
+}
+
+free_port() {
+  local port
+  for _ in $(seq 1 200); do
+    port=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "$port"; return; fi
+  done
+  echo "no free port found" >&2; exit 1
+}
+
+# start_redis PORT [extra redis-server args...]: a private, disposable server.
+start_redis() {
+  local port=$1; shift
+  local dir="$work/redis-$port"
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
+    --logfile "$dir/redis.log" "$@" &
+  pids+=($!)
+  for _ in $(seq 1 100); do
+    redis-cli -p "$port" ping >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "redis-server on port $port did not start; its log:" >&2
+  cat "$dir/redis.log" >&2
+  exit 1
+}
+
+ensure_redis
+port=$(free_port)
+start_redis "$port"
+export REDIS_URL="redis://127.0.0.1:$port"
+say "private Redis at $REDIS_URL"
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+say "cargo test"
+cargo test --locked --all-targets
+
+say "all checks passed"
