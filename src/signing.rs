@@ -243,6 +243,20 @@ fn parse_private_pem(kid: &str, pem: &str) -> Result<RsaPrivateKey, SigningError
     }
 }
 
+/// A fresh RSA 2048 private key as PKCS#8 PEM, for when one key must be shared (dev mode hands
+/// the same key to the broker and to the simulator's client registration).
+pub fn generate_private_pem() -> Result<Secret<String>, SigningError> {
+    let private = generate_private_key()?;
+    private_pkcs8_pem(&private)
+}
+
+fn private_pkcs8_pem(private: &RsaPrivateKey) -> Result<Secret<String>, SigningError> {
+    private
+        .to_pkcs8_pem(LineEnding::LF)
+        .map(|pem| Secret::new(pem.to_string()))
+        .map_err(|e| SigningError::Generate(e.to_string()))
+}
+
 fn generate_private_key() -> Result<RsaPrivateKey, SigningError> {
     RsaPrivateKey::new(&mut rand::rng(), GENERATED_KEY_BITS)
         .map_err(|e| SigningError::Generate(e.to_string()))
@@ -261,12 +275,10 @@ pub fn generate_key_files(dir: &Path, kid: &str) -> Result<(PathBuf, PathBuf), S
     }
     let private = generate_private_key()?;
     let keys = SigningKeys::from_private(kid, &private)?;
-    let pem = private
-        .to_pkcs8_pem(LineEnding::LF)
-        .map_err(|e| SigningError::Generate(e.to_string()))?;
+    let pem = private_pkcs8_pem(&private)?;
     let jwks = serde_json::to_string_pretty(&keys.public_jwks_json())
         .expect("a JSON value always serialises");
-    write_new_file(&pem_path, pem.as_bytes(), 0o600)?;
+    write_new_file(&pem_path, pem.expose().as_bytes(), 0o600)?;
     write_new_file(&jwks_path, format!("{jwks}\n").as_bytes(), 0o644)?;
     Ok((pem_path, jwks_path))
 }
@@ -430,6 +442,8 @@ mod tests {
         }
     }
 
+    type Case = (Vec<(String, Secret<String>)>, &'static str);
+
     #[test]
     fn bad_input_is_refused() {
         let good = pkcs8_pem(&key());
@@ -439,7 +453,7 @@ mod tests {
                 .to_owned(),
         );
         let truncated = Secret::new(good.expose()[..200].to_owned());
-        let cases: Vec<(Vec<(String, Secret<String>)>, &str)> = vec![
+        let cases: Vec<Case> = vec![
             (vec![], "NoKeys"),
             (vec![("k".into(), Secret::new("junk".into()))], "BadPem"),
             (vec![("k".into(), public_only)], "BadPem"),
@@ -462,6 +476,14 @@ mod tests {
             SigningKeys::generate("no spaces"),
             Err(SigningError::InvalidKid(_))
         ));
+    }
+
+    #[test]
+    fn a_generated_pem_loads_as_a_signing_key() {
+        let pem = generate_private_pem().expect("generates");
+        assert!(pem.expose().starts_with("-----BEGIN PRIVATE KEY-----"));
+        let keys = SigningKeys::from_pems(&[("dev".to_owned(), pem)]).expect("loads");
+        assert_eq!(keys.kids(), vec!["dev"]);
     }
 
     #[test]
