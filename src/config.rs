@@ -1,1 +1,952 @@
-//! (being written)
+//! Configuration: a TOML file, then environment overrides, checked once at start-up.
+//!
+//! Every problem is collected and reported together, so an operator fixes a file in one pass.
+//! Overrides: `BROKER__<SECTION>__<KEY>=value` sets `[section] key = value`, e.g.
+//! `BROKER__CIS2__CLIENT_SECRET=...` (values starting with `[` or `{`, and `true`/`false`, are read
+//! as TOML; everything else is a string). Secrets are [`Secret`]s: `Debug` never shows them.
+
+use crate::aal::Aal;
+use crate::policy::{ApiPolicy, PolicyTable};
+use crate::secret::Secret;
+use crate::session::redis::RedisSettings;
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use url::Url;
+
+pub const ENV_PREFIX: &str = "BROKER__";
+
+/// The validated configuration the broker runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    /// Encryption keys for records at rest, newest first: `(id, base64 of 32 bytes)`.
+    pub encryption_keys: Vec<(String, Secret<String>)>,
+    pub cis2: Cis2Config,
+    /// The broker's RS512 signing keys, newest first.
+    pub signing_keys: Vec<SigningKeySource>,
+    pub sessions: SessionConfig,
+    pub policy: PolicyTable,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// How long in-flight calls may run after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Memory,
+    Redis(RedisSettings),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAuthMethod {
+    ClientSecretPost(Secret<String>),
+    PrivateKeyJwt,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cis2Config {
+    /// Compared verbatim with discovery and the `iss` claim (CIS2's carries an explicit `:443`).
+    pub issuer: String,
+    pub discovery_url: Url,
+    pub client_id: String,
+    pub client_auth: ClientAuthMethod,
+    /// Exact-match allow-list for `StartLogin.redirect_uri`.
+    pub redirect_uris: Vec<String>,
+    /// Exact-match allow-list for `Logout.post_logout_redirect_uri`.
+    pub post_logout_redirect_uris: Vec<String>,
+    pub scopes: String,
+    pub max_age: Option<Duration>,
+    pub acr_values_aal2: String,
+    pub acr_values_aal3: String,
+    pub http_timeout: Duration,
+    pub clock_skew: Duration,
+    pub discovery_refresh: Duration,
+    pub jwks_min_refresh_interval: Duration,
+    pub userinfo: bool,
+}
+
+impl Cis2Config {
+    /// The `acr_values` to request for a level (reference §1: AAL2 offers AAL2 and AAL3
+    /// authenticators, AAL3 only AAL3 ones).
+    pub fn acr_values_for(&self, aal: Aal) -> &str {
+        match aal {
+            Aal::Aal3 => &self.acr_values_aal3,
+            Aal::Aal1 | Aal::Aal2 => &self.acr_values_aal2,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum SigningKeySource {
+    File { kid: String, path: PathBuf },
+    Pem { kid: String, pem: Secret<String> },
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub idle_timeout_aal2: Duration,
+    pub idle_timeout_aal3: Duration,
+    pub absolute_lifetime: Duration,
+    /// Activity slides the idle timer at most this often, so reads stay reads.
+    pub touch_interval: Duration,
+    pub pending_login_ttl: Duration,
+    /// The level a sign-in reaches when the caller names neither a level nor an API.
+    pub default_aal: Aal,
+}
+
+impl SessionConfig {
+    pub fn idle_timeout(&self, aal: Aal) -> Duration {
+        match aal {
+            Aal::Aal3 => self.idle_timeout_aal3,
+            Aal::Aal1 | Aal::Aal2 => self.idle_timeout_aal2,
+        }
+    }
+}
+
+/// Everything wrong with a configuration, one line each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "the configuration has {} problem(s):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads `path`, applies `BROKER__*` environment overrides, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("cannot read {}: {e}", path.display())]))?;
+        Self::from_toml_with_env(&text, std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment (tests pass their own).
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors(vec![format!("not valid TOML: {}", e.message())])
+        })?;
+        let mut errors = Vec::new();
+        apply_env(&mut table, env, &mut errors);
+        let raw: RawConfig = match RawConfig::deserialize(toml::Value::Table(table)) {
+            Ok(raw) => raw,
+            Err(e) => {
+                errors.push(e.message().to_string());
+                return Err(ConfigErrors(errors));
+            }
+        };
+        let config = raw.validate(&mut errors);
+        match config {
+            Some(c) if errors.is_empty() => Ok(c),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    errors: &mut Vec<String>,
+) {
+    for (name, raw) in env {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if keys.iter().any(String::is_empty) {
+            errors.push(format!("environment variable {name}: empty key segment"));
+            continue;
+        }
+        let value = env_value(&raw);
+        let Some(value) = value else {
+            errors.push(format!(
+                "environment variable {name}: not a valid TOML array or table"
+            ));
+            continue;
+        };
+        if let Err(k) = set_path(table, &keys, value) {
+            errors.push(format!("environment variable {name}: {k} is not a section"));
+        }
+    }
+}
+
+/// Sets `keys` (a path of section names then a key) to `value`, making sections as needed.
+/// Fails with the name of a path element that is a value rather than a section.
+fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
+    match keys {
+        [] => Ok(()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => set_path(t, rest, value),
+                _ => Err(first.clone()),
+            }
+        }
+    }
+}
+
+fn env_value(raw: &str) -> Option<toml::Value> {
+    let t = raw.trim();
+    match t {
+        "true" => Some(toml::Value::Boolean(true)),
+        "false" => Some(toml::Value::Boolean(false)),
+        _ if t.starts_with('[') || t.starts_with('{') => {
+            let doc: toml::Table = format!("v = {t}").parse().ok()?;
+            doc.get("v").cloned()
+        }
+        _ => Some(toml::Value::String(raw.to_owned())),
+    }
+}
+
+// ---- the file's shape -------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    server: RawServer,
+    store: RawStore,
+    encryption: RawEncryption,
+    cis2: RawCis2,
+    signing: RawSigning,
+    sessions: RawSessions,
+    policy: RawPolicy,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    grpc_addr: String,
+    http_addr: String,
+    shutdown_grace: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            grpc_addr: "0.0.0.0:50051".into(),
+            http_addr: "0.0.0.0:8080".into(),
+            shutdown_grace: "20s".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    kind: String,
+    url: Option<Secret<String>>,
+    key_prefix: String,
+    connect_timeout: String,
+    command_timeout: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            kind: "redis".into(),
+            url: None,
+            key_prefix: "sb:".into(),
+            connect_timeout: "2s".into(),
+            command_timeout: "1s".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawEncryption {
+    keys: RawKeys,
+}
+
+/// Keys as an array of `{ id, key }` tables, or as one string `id:base64,id:base64` (handy in
+/// an environment variable).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawKeys {
+    List(Vec<RawKey>),
+    Joined(Secret<String>),
+}
+
+impl Default for RawKeys {
+    fn default() -> Self {
+        RawKeys::List(Vec::new())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: String,
+    key: Secret<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCis2 {
+    issuer: String,
+    discovery_url: Option<String>,
+    client_id: String,
+    client_auth: String,
+    client_secret: Option<Secret<String>>,
+    redirect_uris: Vec<String>,
+    post_logout_redirect_uris: Vec<String>,
+    scopes: String,
+    max_age: Option<String>,
+    acr_values_aal2: String,
+    acr_values_aal3: String,
+    http_timeout: String,
+    clock_skew: String,
+    discovery_refresh: String,
+    jwks_min_refresh_interval: String,
+    userinfo: bool,
+}
+
+impl Default for RawCis2 {
+    fn default() -> Self {
+        RawCis2 {
+            issuer: String::new(),
+            discovery_url: None,
+            client_id: String::new(),
+            client_auth: "client_secret_post".into(),
+            client_secret: None,
+            redirect_uris: Vec::new(),
+            post_logout_redirect_uris: Vec::new(),
+            scopes: "openid profile nationalrbacaccess associatedorgs selectedrole".into(),
+            max_age: None,
+            acr_values_aal2: "AAL2_OR_AAL3_ANY".into(),
+            acr_values_aal3: "AAL3_ANY".into(),
+            http_timeout: "15s".into(),
+            clock_skew: "60s".into(),
+            discovery_refresh: "1h".into(),
+            jwks_min_refresh_interval: "30s".into(),
+            userinfo: true,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawSigning {
+    keys: Vec<RawSigningKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigningKey {
+    kid: String,
+    private_key_file: Option<PathBuf>,
+    private_key_pem: Option<Secret<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSessions {
+    idle_timeout_aal2: String,
+    idle_timeout_aal3: String,
+    absolute_lifetime: String,
+    touch_interval: String,
+    pending_login_ttl: String,
+    default_aal: toml::Value,
+}
+
+impl Default for RawSessions {
+    fn default() -> Self {
+        RawSessions {
+            idle_timeout_aal2: "30m".into(),
+            idle_timeout_aal3: "15m".into(),
+            absolute_lifetime: "12h".into(),
+            touch_interval: "60s".into(),
+            pending_login_ttl: "10m".into(),
+            default_aal: toml::Value::Integer(2),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawPolicy {
+    /// Start from an empty table instead of the reference defaults.
+    replace_defaults: bool,
+    apis: std::collections::BTreeMap<String, RawApiPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiPolicy {
+    required_aal: toml::Value,
+    required_ial: Option<toml::Value>,
+    description: Option<String>,
+    task: Option<String>,
+}
+
+// ---- validation -------------------------------------------------------------------------------
+
+fn duration(field: &str, raw: &str, errors: &mut Vec<String>) -> Duration {
+    match humantime::parse_duration(raw.trim()) {
+        Ok(d) => d,
+        Err(e) => {
+            errors.push(format!(
+                "{field}: {raw:?} is not a duration like \"30s\" or \"15m\" ({e})"
+            ));
+            Duration::ZERO
+        }
+    }
+}
+
+fn positive(field: &str, d: Duration, errors: &mut Vec<String>) {
+    if d.is_zero() {
+        errors.push(format!("{field}: must be more than zero"));
+    }
+}
+
+fn socket_addr(field: &str, raw: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {
+    raw.parse()
+        .map_err(|_| {
+            errors.push(format!(
+                "{field}: {raw:?} is not an address like 0.0.0.0:50051"
+            ))
+        })
+        .ok()
+}
+
+fn level(
+    field: &str,
+    value: &toml::Value,
+    allowed: &[i64],
+    errors: &mut Vec<String>,
+) -> Option<i64> {
+    let n = match value {
+        toml::Value::Integer(n) => Some(*n),
+        toml::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if allowed.contains(&n) => Some(n),
+        _ => {
+            errors.push(format!("{field}: must be one of {allowed:?}"));
+            None
+        }
+    }
+}
+
+fn absolute_url(field: &str, raw: &str, errors: &mut Vec<String>) -> Option<Url> {
+    match Url::parse(raw) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+        _ => {
+            errors.push(format!("{field}: {raw:?} is not an absolute http(s) URL"));
+            None
+        }
+    }
+}
+
+impl RawConfig {
+    fn validate(self, errors: &mut Vec<String>) -> Option<Config> {
+        // Validate every section before giving up on any, so all problems are reported.
+        let grpc_addr = socket_addr("server.grpc_addr", &self.server.grpc_addr, errors);
+        let http_addr = socket_addr("server.http_addr", &self.server.http_addr, errors);
+        let shutdown_grace = duration("server.shutdown_grace", &self.server.shutdown_grace, errors);
+        let store = self.store.validate(errors);
+        let encryption_keys = self.encryption.validate(errors);
+        let cis2 = self.cis2.validate(errors);
+        let signing_keys = self.signing.validate(errors);
+        if matches!(
+            cis2.as_ref().map(|c| &c.client_auth),
+            Some(ClientAuthMethod::PrivateKeyJwt)
+        ) && signing_keys.is_empty()
+        {
+            errors.push(
+                "cis2.client_auth = \"private_key_jwt\" needs at least one [[signing.keys]] entry"
+                    .into(),
+            );
+        }
+        let sessions = self.sessions.validate(errors);
+        let policy = self.policy.validate(errors);
+        Some(Config {
+            server: ServerConfig {
+                grpc_addr: grpc_addr?,
+                http_addr: http_addr?,
+                shutdown_grace,
+            },
+            store: store?,
+            encryption_keys,
+            cis2: cis2?,
+            signing_keys,
+            sessions: sessions?,
+            policy,
+        })
+    }
+}
+
+impl RawStore {
+    fn validate(self, errors: &mut Vec<String>) -> Option<StoreConfig> {
+        let connect_timeout = duration("store.connect_timeout", &self.connect_timeout, errors);
+        let command_timeout = duration("store.command_timeout", &self.command_timeout, errors);
+        positive("store.command_timeout", command_timeout, errors);
+        positive("store.connect_timeout", connect_timeout, errors);
+        match self.kind.as_str() {
+            "memory" => Some(StoreConfig::Memory),
+            "redis" => {
+                let Some(url) = self.url else {
+                    errors.push("store.url: required when store.kind = \"redis\"".into());
+                    return None;
+                };
+                let scheme_ok = ["redis://", "rediss://"]
+                    .iter()
+                    .any(|s| url.expose().starts_with(s));
+                if !scheme_ok || Url::parse(url.expose()).is_err() {
+                    // The URL may carry a password: never echo it.
+                    errors.push("store.url: must be a redis:// or rediss:// URL".into());
+                }
+                if self.key_prefix.len() > 64 || self.key_prefix.contains(['{', '}', ' ']) {
+                    errors.push(
+                        "store.key_prefix: at most 64 characters, no braces or spaces".into(),
+                    );
+                }
+                Some(StoreConfig::Redis(RedisSettings {
+                    url: url.into_inner(),
+                    key_prefix: self.key_prefix,
+                    connect_timeout,
+                    command_timeout,
+                }))
+            }
+            other => {
+                errors.push(format!(
+                    "store.kind: {other:?} is not \"redis\" or \"memory\""
+                ));
+                None
+            }
+        }
+    }
+}
+
+impl RawEncryption {
+    fn validate(self, errors: &mut Vec<String>) -> Vec<(String, Secret<String>)> {
+        let keys: Vec<(String, Secret<String>)> = match self.keys {
+            RawKeys::List(list) => list.into_iter().map(|k| (k.id, k.key)).collect(),
+            RawKeys::Joined(joined) => {
+                let mut keys = Vec::new();
+                for (i, part) in joined
+                    .expose()
+                    .split(',')
+                    .filter(|p| !p.trim().is_empty())
+                    .enumerate()
+                {
+                    match part.trim().split_once(':') {
+                        Some((id, key)) => keys.push((id.to_owned(), Secret::new(key.to_owned()))),
+                        None => errors.push(format!(
+                            "encryption.keys: entry {} is not id:base64key",
+                            i + 1
+                        )),
+                    }
+                }
+                keys
+            }
+        };
+        if let Err(e) = crate::session::KeyRing::new(&keys) {
+            errors.push(format!("encryption.keys: {e}"));
+        }
+        keys
+    }
+}
+
+impl RawCis2 {
+    fn validate(self, errors: &mut Vec<String>) -> Option<Cis2Config> {
+        let issuer_url = if self.issuer.is_empty() {
+            errors.push(
+                "cis2.issuer: required (exactly as CIS2's discovery document states it)".into(),
+            );
+            None
+        } else {
+            absolute_url("cis2.issuer", &self.issuer, errors)
+        };
+        let discovery_url = match &self.discovery_url {
+            Some(raw) => absolute_url("cis2.discovery_url", raw, errors),
+            // Parsing drops a default port (":443"), which is where CIS2 serves discovery.
+            None => issuer_url.and_then(|_| crate::oidc::default_discovery_url(&self.issuer).ok()),
+        };
+        if self.client_id.trim().is_empty() {
+            errors.push("cis2.client_id: required".into());
+        }
+        let client_auth = match (self.client_auth.as_str(), self.client_secret) {
+            ("client_secret_post", Some(secret)) if !secret.expose().is_empty() => {
+                Some(ClientAuthMethod::ClientSecretPost(secret))
+            }
+            ("client_secret_post", _) => {
+                errors.push(
+                    "cis2.client_secret: required for client_secret_post (set BROKER__CIS2__CLIENT_SECRET)"
+                        .into(),
+                );
+                None
+            }
+            ("private_key_jwt", _) => Some(ClientAuthMethod::PrivateKeyJwt),
+            (other, _) => {
+                errors.push(format!(
+                    "cis2.client_auth: {other:?} is not \"client_secret_post\" or \"private_key_jwt\""
+                ));
+                None
+            }
+        };
+        if self.redirect_uris.is_empty() {
+            errors.push("cis2.redirect_uris: list at least one callback URL".into());
+        }
+        for (i, u) in self.redirect_uris.iter().enumerate() {
+            absolute_url(&format!("cis2.redirect_uris[{i}]"), u, errors);
+        }
+        for (i, u) in self.post_logout_redirect_uris.iter().enumerate() {
+            absolute_url(&format!("cis2.post_logout_redirect_uris[{i}]"), u, errors);
+        }
+        if !self.scopes.split_whitespace().any(|s| s == "openid") {
+            errors.push("cis2.scopes: must include \"openid\"".into());
+        }
+        let max_age = self
+            .max_age
+            .as_deref()
+            .map(|m| duration("cis2.max_age", m, errors));
+        let http_timeout = duration("cis2.http_timeout", &self.http_timeout, errors);
+        positive("cis2.http_timeout", http_timeout, errors);
+        let config = Cis2Config {
+            issuer: self.issuer,
+            discovery_url: discovery_url?,
+            client_id: self.client_id,
+            client_auth: client_auth?,
+            redirect_uris: self.redirect_uris,
+            post_logout_redirect_uris: self.post_logout_redirect_uris,
+            scopes: self.scopes,
+            max_age,
+            acr_values_aal2: self.acr_values_aal2,
+            acr_values_aal3: self.acr_values_aal3,
+            http_timeout,
+            clock_skew: duration("cis2.clock_skew", &self.clock_skew, errors),
+            discovery_refresh: duration("cis2.discovery_refresh", &self.discovery_refresh, errors),
+            jwks_min_refresh_interval: duration(
+                "cis2.jwks_min_refresh_interval",
+                &self.jwks_min_refresh_interval,
+                errors,
+            ),
+            userinfo: self.userinfo,
+        };
+        Some(config)
+    }
+}
+
+impl RawSigning {
+    fn validate(self, errors: &mut Vec<String>) -> Vec<SigningKeySource> {
+        let mut out = Vec::new();
+        for (i, k) in self.keys.into_iter().enumerate() {
+            match (k.private_key_file, k.private_key_pem) {
+                (Some(path), None) => out.push(SigningKeySource::File { kid: k.kid, path }),
+                (None, Some(pem)) => out.push(SigningKeySource::Pem { kid: k.kid, pem }),
+                _ => errors.push(format!(
+                    "signing.keys[{i}]: give exactly one of private_key_file or private_key_pem"
+                )),
+            }
+        }
+        out
+    }
+}
+
+impl RawSessions {
+    fn validate(self, errors: &mut Vec<String>) -> Option<SessionConfig> {
+        let c = SessionConfig {
+            idle_timeout_aal2: duration(
+                "sessions.idle_timeout_aal2",
+                &self.idle_timeout_aal2,
+                errors,
+            ),
+            idle_timeout_aal3: duration(
+                "sessions.idle_timeout_aal3",
+                &self.idle_timeout_aal3,
+                errors,
+            ),
+            absolute_lifetime: duration(
+                "sessions.absolute_lifetime",
+                &self.absolute_lifetime,
+                errors,
+            ),
+            touch_interval: duration("sessions.touch_interval", &self.touch_interval, errors),
+            pending_login_ttl: duration(
+                "sessions.pending_login_ttl",
+                &self.pending_login_ttl,
+                errors,
+            ),
+            default_aal: Aal::from_level(level(
+                "sessions.default_aal",
+                &self.default_aal,
+                &[2, 3],
+                errors,
+            )?)?,
+        };
+        positive("sessions.idle_timeout_aal2", c.idle_timeout_aal2, errors);
+        positive("sessions.idle_timeout_aal3", c.idle_timeout_aal3, errors);
+        positive("sessions.absolute_lifetime", c.absolute_lifetime, errors);
+        positive("sessions.pending_login_ttl", c.pending_login_ttl, errors);
+        Some(c)
+    }
+}
+
+impl RawPolicy {
+    fn validate(self, errors: &mut Vec<String>) -> PolicyTable {
+        let base = if self.replace_defaults {
+            PolicyTable::from_policies([])
+        } else {
+            PolicyTable::defaults()
+        };
+        let mut overrides = Vec::new();
+        for (api, p) in self.apis {
+            let field = format!("policy.apis.{api}");
+            if api.is_empty()
+                || api.len() > 64
+                || !api
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                errors.push(format!(
+                    "{field}: API names use a-z, 0-9 and '-' (at most 64)"
+                ));
+            }
+            let aal = level(
+                &format!("{field}.required_aal"),
+                &p.required_aal,
+                &[1, 2, 3],
+                errors,
+            )
+            .and_then(Aal::from_level);
+            let ial = p
+                .required_ial
+                .as_ref()
+                .and_then(|v| level(&format!("{field}.required_ial"), v, &[1, 2, 3], errors))
+                .and_then(|n| u8::try_from(n).ok());
+            let Some(required_aal) = aal else { continue };
+            let description = p.description.unwrap_or_else(|| api.clone());
+            overrides.push(ApiPolicy {
+                task: p.task.unwrap_or_else(|| format!("use {description}")),
+                api,
+                required_aal,
+                required_ial: ial,
+                description,
+            });
+        }
+        base.merged(overrides)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+
+    fn minimal() -> String {
+        format!(
+            r#"
+[store]
+url = "redis://127.0.0.1:6379"
+
+[encryption]
+keys = [{{ id = "k1", key = "{KEY}" }}]
+
+[cis2]
+issuer = "https://am.nhsint.auth-ptl.cis2.spineservices.nhs.uk:443/openam/oauth2/realms/root/realms/NHSIdentity/realms/Healthcare"
+client_id = "my-client"
+client_secret = "s3cret"
+redirect_uris = ["https://app.example/callback"]
+"#
+        )
+    }
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        Config::from_toml_with_env(
+            text,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let c = load(&minimal(), &[]).expect("valid");
+        assert_eq!(c.server.grpc_addr.port(), 50051);
+        assert_eq!(
+            c.sessions.idle_timeout(Aal::Aal2),
+            Duration::from_secs(30 * 60)
+        );
+        assert_eq!(
+            c.sessions.idle_timeout(Aal::Aal3),
+            Duration::from_secs(15 * 60)
+        );
+        assert_eq!(c.sessions.absolute_lifetime, Duration::from_secs(12 * 3600));
+        assert_eq!(c.sessions.pending_login_ttl, Duration::from_secs(600));
+        assert_eq!(c.sessions.default_aal, Aal::Aal2);
+        assert_eq!(c.cis2.acr_values_for(Aal::Aal2), "AAL2_OR_AAL3_ANY");
+        assert_eq!(c.cis2.acr_values_for(Aal::Aal3), "AAL3_ANY");
+        assert_eq!(
+            c.cis2.scopes,
+            "openid profile nationalrbacaccess associatedorgs selectedrole"
+        );
+        assert!(c.policy.get("eps").is_some());
+    }
+
+    #[test]
+    fn the_issuer_is_kept_verbatim_and_discovery_drops_the_default_port() {
+        let c = load(&minimal(), &[]).expect("valid");
+        assert!(c.cis2.issuer.contains(".uk:443/openam"));
+        assert_eq!(
+            c.cis2.discovery_url.as_str(),
+            "https://am.nhsint.auth-ptl.cis2.spineservices.nhs.uk/openam/oauth2/realms/root/realms/NHSIdentity/realms/Healthcare/.well-known/openid-configuration"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_win_and_secrets_stay_hidden() {
+        let c = load(
+            &minimal(),
+            &[
+                ("BROKER__CIS2__CLIENT_SECRET", "from-env"),
+                ("BROKER__SESSIONS__IDLE_TIMEOUT_AAL3", "5m"),
+                ("BROKER__ENCRYPTION__KEYS", &format!("new:{KEY},k1:{KEY}")),
+                ("OTHER", "ignored"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(
+            c.cis2.client_auth,
+            ClientAuthMethod::ClientSecretPost(Secret::new("from-env".into()))
+        );
+        assert_eq!(c.sessions.idle_timeout_aal3, Duration::from_secs(300));
+        assert_eq!(c.encryption_keys.len(), 2);
+        assert_eq!(c.encryption_keys[0].0, "new");
+        let dump = format!("{c:?}");
+        assert!(
+            !dump.contains("from-env") && !dump.contains(KEY),
+            "secret in Debug output"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+[server]
+grpc_addr = "nonsense"
+[store]
+kind = "redis"
+[encryption]
+keys = []
+[cis2]
+issuer = ""
+client_auth = "client_secret_basic"
+scopes = "profile"
+[sessions]
+idle_timeout_aal2 = "forever"
+default_aal = 1
+"#;
+        let errs = load(text, &[]).expect_err("invalid").0;
+        let joined = errs.join("\n");
+        for needle in [
+            "server.grpc_addr",
+            "store.url",
+            "encryption.keys",
+            "cis2.issuer",
+            "cis2.client_id",
+            "cis2.client_auth",
+            "cis2.redirect_uris",
+            "cis2.scopes",
+            "sessions.idle_timeout_aal2",
+            "sessions.default_aal",
+        ] {
+            assert!(
+                joined.contains(needle),
+                "{needle} not reported in:\n{joined}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_example_file_is_valid_once_given_a_real_key() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/broker.example.toml"
+        ))
+        .expect("example exists");
+        let c = load(
+            &text,
+            &[("BROKER__ENCRYPTION__KEYS", &format!("2026-12:{KEY}"))],
+        )
+        .expect("valid");
+        assert!(matches!(
+            c.cis2.client_auth,
+            ClientAuthMethod::PrivateKeyJwt
+        ));
+        assert!(matches!(c.store, StoreConfig::Redis(_)));
+        let errs = load(&text, &[]).expect_err("placeholder key").0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("encryption.keys"), "{errs:?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let errs = load(&format!("{}\nclient_secert = \"typo\"\n", minimal()), &[])
+            .expect_err("typo")
+            .0;
+        assert!(errs.join(" ").contains("client_secert"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_redis_password_is_never_echoed() {
+        let text = minimal().replace("redis://127.0.0.1:6379", "http://user:hunter2@host");
+        let errs = load(&text, &[]).expect_err("bad scheme").0;
+        assert!(!errs.join(" ").contains("hunter2"));
+    }
+
+    #[test]
+    fn private_key_jwt_needs_a_signing_key() {
+        let text = minimal().replace(
+            "client_secret = \"s3cret\"",
+            "client_auth = \"private_key_jwt\"",
+        );
+        let errs = load(&text, &[]).expect_err("no key").0;
+        assert!(errs.join(" ").contains("signing.keys"), "{errs:?}");
+        let with_key = format!(
+            "{text}\n[[signing.keys]]\nkid = \"k1\"\nprivate_key_file = \"/keys/k1.pem\"\n"
+        );
+        let c = load(&with_key, &[]).expect("valid");
+        assert!(matches!(
+            c.cis2.client_auth,
+            ClientAuthMethod::PrivateKeyJwt
+        ));
+    }
+
+    #[test]
+    fn policy_overrides_merge_with_the_defaults() {
+        let text = format!(
+            "{}\n[policy.apis.pds]\nrequired_aal = 3\n[policy.apis.nrl]\nrequired_aal = \"2\"\ndescription = \"National Record Locator\"\n",
+            minimal()
+        );
+        let c = load(&text, &[]).expect("valid");
+        assert_eq!(c.policy.get("pds").map(|p| p.required_aal), Some(Aal::Aal3));
+        assert_eq!(c.policy.get("nrl").map(|p| p.required_aal), Some(Aal::Aal2));
+        assert!(c.policy.get("eps").is_some());
+    }
+}

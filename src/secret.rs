@@ -35,6 +35,12 @@ impl<T> fmt::Display for Secret<T> {
     }
 }
 
+impl<T: Default> Default for Secret<T> {
+    fn default() -> Self {
+        Self(T::default())
+    }
+}
+
 impl<T> From<T> for Secret<T> {
     fn from(value: T) -> Self {
         Self(value)
