@@ -1,1 +1,691 @@
-//! (being written)
+//! The use cases: start a sign-in, finish it (creating or stepping up a session), read a
+//! session, check access, log out. Inputs and outputs are domain types; `grpc` converts.
+
+use crate::aal::{Aal, AalSource, authenticator_label};
+use crate::clock::{Clock, from_unix_seconds, unix_seconds};
+use crate::config::{Cis2Config, SessionConfig};
+use crate::error::{BrokerError, FieldViolation, Result};
+use crate::oidc::{
+    AuthorizationRequest, Cis2Client, IdTokenClaims, IdTokenExpectations, OidcError, pkce,
+};
+use crate::policy::{self, Access, ApiPolicy, PolicyTable};
+use crate::secret::Secret;
+use crate::session::model::StepUpOf;
+use crate::session::token::random_urlsafe;
+use crate::session::{
+    KeyRing, LoginKey, PendingLogin, Role, SessionId, SessionRecord, SessionStore, SessionToken,
+    User,
+};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tracing::{info, instrument, warn};
+
+/// Limits on caller input, so oversized fields are refused before any work is done.
+pub mod limits {
+    pub const REDIRECT_URI: usize = 2048;
+    pub const APP_STATE: usize = 1024;
+    pub const API: usize = 64;
+    pub const SESSION_TOKEN: usize = 128;
+    pub const STATE: usize = 512;
+    pub const CODE: usize = 4096;
+    pub const IDP_ERROR: usize = 256;
+    pub const IDP_ERROR_DESCRIPTION: usize = 1024;
+    pub const ISS: usize = 1024;
+}
+
+/// `StartLogin` input.
+#[derive(Debug, Default)]
+pub struct StartLogin {
+    pub redirect_uri: String,
+    pub required_aal: Option<Aal>,
+    pub api: Option<String>,
+    pub session_token: Option<Secret<String>>,
+    pub app_state: String,
+}
+
+#[derive(Debug)]
+pub struct LoginStarted {
+    pub authorization_url: String,
+    pub state: Secret<String>,
+    pub expires_at: SystemTime,
+    pub acr_values: String,
+    pub step_up: bool,
+}
+
+/// `ExchangeCode` input: the callback's parameters as received.
+#[derive(Debug, Default)]
+pub struct ExchangeCode {
+    pub state: Secret<String>,
+    pub code: Secret<String>,
+    pub error: String,
+    pub error_description: String,
+    pub iss: String,
+}
+
+#[derive(Debug)]
+pub struct Exchanged {
+    /// A new session's token; `None` after a step-up, whose token is unchanged.
+    pub session_token: Option<SessionToken>,
+    pub session: SessionView,
+    pub stepped_up: bool,
+    pub app_state: String,
+}
+
+/// Everything about a session that may be shown: no tokens.
+#[derive(Debug, Clone)]
+pub struct SessionView {
+    pub session_id: SessionId,
+    pub user: User,
+    pub selected_role: Option<Role>,
+    pub roles: Vec<Role>,
+    pub organisations: Vec<crate::session::Organisation>,
+    pub aal: Aal,
+    pub aal_source: AalSource,
+    pub acr: String,
+    pub amr: Vec<String>,
+    pub authenticator: String,
+    pub auth_time: SystemTime,
+    pub created_at: SystemTime,
+    pub idle_expires_at: SystemTime,
+    pub expires_at: SystemTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessCheck {
+    pub allowed: bool,
+    pub api: String,
+    pub required_aal: Aal,
+    pub current_aal: Aal,
+    pub message: String,
+}
+
+/// What the broker needs to know of the configuration.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub sessions: SessionConfig,
+    pub cis2: Cis2Config,
+}
+
+pub struct Broker {
+    store: Arc<dyn SessionStore>,
+    keys: Arc<KeyRing>,
+    cis2: Arc<Cis2Client>,
+    clock: Arc<dyn Clock>,
+    settings: BrokerSettings,
+    policy: PolicyTable,
+}
+
+/// A session loaded from the store and opened.
+struct Loaded {
+    id: SessionId,
+    record: SessionRecord,
+    idle_expires_at: SystemTime,
+}
+
+impl Broker {
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        keys: Arc<KeyRing>,
+        cis2: Arc<Cis2Client>,
+        clock: Arc<dyn Clock>,
+        settings: BrokerSettings,
+        policy: PolicyTable,
+    ) -> Self {
+        Broker {
+            store,
+            keys,
+            cis2,
+            clock,
+            settings,
+            policy,
+        }
+    }
+
+    pub fn policy(&self) -> &PolicyTable {
+        &self.policy
+    }
+
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+
+    pub fn cis2(&self) -> &Arc<Cis2Client> {
+        &self.cis2
+    }
+
+    #[instrument(skip_all, fields(api = req.api.as_deref(), step_up = req.session_token.is_some()))]
+    pub async fn start_login(&self, req: StartLogin) -> Result<LoginStarted> {
+        let mut bad = Vec::new();
+        check_len(
+            &mut bad,
+            "redirect_uri",
+            &req.redirect_uri,
+            limits::REDIRECT_URI,
+        );
+        check_len(&mut bad, "app_state", &req.app_state, limits::APP_STATE);
+        if let Some(api) = &req.api {
+            check_len(&mut bad, "api", api, limits::API);
+        }
+        if !bad.is_empty() {
+            return Err(BrokerError::InvalidArgument(bad));
+        }
+        if !self
+            .settings
+            .cis2
+            .redirect_uris
+            .iter()
+            .any(|u| u == &req.redirect_uri)
+        {
+            bad.push(violation(
+                "redirect_uri",
+                "is not one of the broker's configured redirect URIs",
+            ));
+        }
+        if req.required_aal == Some(Aal::Aal1) {
+            bad.push(violation(
+                "required_aal",
+                "CIS2 sign-in is at AAL_2 or AAL_3",
+            ));
+        }
+        let api_policy = match req.api.as_deref() {
+            Some(api) => match self.policy.get(api) {
+                Some(p) => Some(p),
+                None => {
+                    bad.push(violation(
+                        "api",
+                        "is not an API of the policy table (see ListApiPolicies)",
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        if !bad.is_empty() {
+            return Err(BrokerError::InvalidArgument(bad));
+        }
+        let required_aal = match (req.required_aal, api_policy) {
+            (None, None) => self.settings.sessions.default_aal,
+            (aal, p) => aal
+                .into_iter()
+                .chain(p.map(|p| p.required_aal))
+                .max()
+                .unwrap_or(Aal::Aal2),
+        }
+        .max(Aal::Aal2);
+
+        let step_up = match &req.session_token {
+            Some(token) => {
+                let loaded = self.load(token.expose()).await?;
+                Some(StepUpOf {
+                    session_id: loaded.id.to_string(),
+                    uid: loaded.record.user.uid,
+                })
+            }
+            None => None,
+        };
+
+        let now = self.clock.now();
+        let state = Secret::new(random_urlsafe(32));
+        let nonce = Secret::new(random_urlsafe(32));
+        let verifier = pkce::new_verifier();
+        let acr_values = self.settings.cis2.acr_values_for(required_aal).to_owned();
+        let max_age = self.settings.cis2.max_age.map(|d| d.as_secs());
+        let url = self
+            .cis2
+            .authorization_url(&AuthorizationRequest {
+                redirect_uri: &req.redirect_uri,
+                scopes: &self.settings.cis2.scopes,
+                state: state.expose(),
+                nonce: nonce.expose(),
+                pkce_challenge: &pkce::challenge_s256(verifier.expose()),
+                acr_values: &acr_values,
+                max_age,
+                // NHS clients always send it: CIS2 then asks for a fresh sign-in and a role.
+                prompt: Some("login"),
+            })
+            .await
+            .map_err(idp_error)?;
+
+        let is_step_up = step_up.is_some();
+        let pending = PendingLogin {
+            nonce,
+            pkce_verifier: verifier,
+            redirect_uri: req.redirect_uri,
+            required_aal,
+            acr_values: acr_values.clone(),
+            api: req.api,
+            app_state: req.app_state,
+            started_at: unix_seconds(now),
+            max_age,
+            step_up,
+        };
+        let key = LoginKey::from_state(state.expose());
+        let sealed = self
+            .keys
+            .seal_json(&pending, &login_aad(&key))
+            .map_err(internal)?;
+        let ttl = self.settings.sessions.pending_login_ttl;
+        if !self.store.put_pending_login(&key, &sealed, ttl).await? {
+            // 256 random bits never collide; if they did, refusing is the safe answer.
+            return Err(BrokerError::Internal("pending login key collision".into()));
+        }
+        info!(aal = %required_aal, acr_values, "sign-in started");
+        Ok(LoginStarted {
+            authorization_url: url.to_string(),
+            state,
+            expires_at: now + ttl,
+            acr_values,
+            step_up: is_step_up,
+        })
+    }
+
+    #[instrument(skip_all)]
+    pub async fn exchange_code(&self, req: ExchangeCode) -> Result<Exchanged> {
+        let mut bad = Vec::new();
+        check_len(&mut bad, "state", req.state.expose(), limits::STATE);
+        check_len(&mut bad, "code", req.code.expose(), limits::CODE);
+        check_len(&mut bad, "error", &req.error, limits::IDP_ERROR);
+        check_len(
+            &mut bad,
+            "error_description",
+            &req.error_description,
+            limits::IDP_ERROR_DESCRIPTION,
+        );
+        check_len(&mut bad, "iss", &req.iss, limits::ISS);
+        if req.state.expose().is_empty() {
+            bad.push(violation("state", "is required"));
+        }
+        if req.code.expose().is_empty() && req.error.is_empty() {
+            bad.push(violation(
+                "code",
+                "is required unless the callback carried an error",
+            ));
+        }
+        if !bad.is_empty() {
+            return Err(BrokerError::InvalidArgument(bad));
+        }
+
+        // Consumed before anything else, so a state is good for one attempt only, whatever
+        // happens next.
+        let key = LoginKey::from_state(req.state.expose());
+        let sealed = self
+            .store
+            .take_pending_login(&key)
+            .await?
+            .ok_or(BrokerError::LoginStateInvalid)?;
+        let pending: PendingLogin =
+            self.keys
+                .open_json(&sealed, &login_aad(&key))
+                .map_err(|e| {
+                    warn!(error = %e, "pending sign-in could not be opened");
+                    BrokerError::LoginStateInvalid
+                })?;
+
+        if !req.error.is_empty() {
+            return Err(BrokerError::LoginRejected {
+                idp_error: Some(printable(&req.error, 64)),
+                detail: match printable(&req.error_description, 200) {
+                    d if d.is_empty() => "CIS2 did not sign the user in".into(),
+                    d => format!("CIS2 did not sign the user in: {d}"),
+                },
+            });
+        }
+        // RFC 9207: an `iss` on the callback names who sent it; a mismatch means mix-up.
+        if !req.iss.is_empty() && req.iss != self.cis2.issuer() {
+            return Err(BrokerError::rejected(
+                "the callback's iss is not the configured CIS2 issuer",
+            ));
+        }
+
+        let tokens = self
+            .cis2
+            .redeem_code(
+                req.code.expose(),
+                &pending.redirect_uri,
+                pending.pkce_verifier.expose(),
+            )
+            .await
+            .map_err(idp_error)?;
+        let claims = self
+            .cis2
+            .validate_id_token(
+                tokens.id_token.expose(),
+                &IdTokenExpectations {
+                    nonce: pending.nonce.expose(),
+                    min_aal: pending.required_aal,
+                    not_before_auth: from_unix_seconds(pending.started_at),
+                    max_age: pending.max_age,
+                },
+            )
+            .await
+            .map_err(idp_error)?;
+        if let Some(step_up) = &pending.step_up
+            && claims.sub != step_up.uid
+        {
+            return Err(BrokerError::rejected(
+                "a different user signed in than the one stepping up",
+            ));
+        }
+        let profile = match (&tokens.access_token, self.settings.cis2.userinfo) {
+            (Some(access_token), true) => Some(
+                self.cis2
+                    .userinfo(access_token.expose(), &claims.sub)
+                    .await
+                    .map_err(idp_error)?,
+            ),
+            _ => None,
+        };
+
+        let now = self.clock.now();
+        let (user, roles, organisations) = match profile {
+            Some(p) => (p.user, p.roles, p.organisations),
+            None => (user_from_claims(&claims), Vec::new(), Vec::new()),
+        };
+        let selected_role = claims.selected_roleid.as_ref().map(|id| {
+            roles
+                .iter()
+                .find(|r| &r.role_id == id)
+                .cloned()
+                .unwrap_or_else(|| Role {
+                    role_id: id.clone(),
+                    ..Role::default()
+                })
+        });
+        let signed_in = SignedIn {
+            user: User {
+                ial: claims.ial,
+                ..user
+            },
+            selected_role,
+            roles,
+            organisations,
+            id_token: tokens.id_token,
+            claims,
+        };
+
+        match pending.step_up {
+            Some(step_up) => {
+                let view = self.step_up(&step_up, signed_in, now).await?;
+                info!(session_id = %view.session_id, aal = %view.aal, "session stepped up");
+                Ok(Exchanged {
+                    session_token: None,
+                    session: view,
+                    stepped_up: true,
+                    app_state: pending.app_state,
+                })
+            }
+            None => {
+                let (token, view) = self.create(signed_in, now).await?;
+                info!(session_id = %view.session_id, aal = %view.aal, authenticator = view.authenticator, "session created");
+                Ok(Exchanged {
+                    session_token: Some(token),
+                    session: view,
+                    stepped_up: false,
+                    app_state: pending.app_state,
+                })
+            }
+        }
+    }
+
+    async fn create(&self, s: SignedIn, now: SystemTime) -> Result<(SessionToken, SessionView)> {
+        let expires_at = now + self.settings.sessions.absolute_lifetime;
+        let record = SessionRecord {
+            user: s.user,
+            selected_role: s.selected_role,
+            roles: s.roles,
+            organisations: s.organisations,
+            aal: s.claims.aal,
+            aal_source: AalSource::IdToken,
+            acr: s.claims.acr,
+            amr: s.claims.amr,
+            auth_time: s.claims.auth_time,
+            created_at: unix_seconds(now),
+            expires_at: unix_seconds(expires_at),
+            cis2_sid: s.claims.sid,
+            id_token: Secret::new(Some(s.id_token.into_inner())),
+            id_token_expires_at: Some(s.claims.exp),
+            generation: 0,
+        };
+        let token = SessionToken::generate();
+        let id = token.id();
+        let ttl = self.ttl_for(&record, now);
+        let sealed = self
+            .keys
+            .seal_json(&record, &session_aad(&id))
+            .map_err(internal)?;
+        if !self.store.create_session(&id, &sealed, ttl).await? {
+            return Err(BrokerError::Internal("session id collision".into()));
+        }
+        let view = view(&id, &record, now + ttl);
+        Ok((token, view))
+    }
+
+    /// Upgrades the session in place. Nothing is written unless every check passed, and a
+    /// session revoked meanwhile is not brought back.
+    async fn step_up(&self, of: &StepUpOf, s: SignedIn, now: SystemTime) -> Result<SessionView> {
+        let id = SessionId::parse(&of.session_id).ok_or(BrokerError::SessionInvalid)?;
+        let current = self.load_by_id(id).await?;
+        if current.record.user.uid != s.claims.sub {
+            return Err(BrokerError::rejected(
+                "a different user signed in than the one stepping up",
+            ));
+        }
+        let mut record = current.record;
+        record.aal = s.claims.aal;
+        record.aal_source = AalSource::IdToken;
+        record.acr = s.claims.acr;
+        record.amr = s.claims.amr;
+        record.auth_time = s.claims.auth_time;
+        record.cis2_sid = s.claims.sid.or(record.cis2_sid);
+        record.id_token = Secret::new(Some(s.id_token.into_inner()));
+        record.id_token_expires_at = Some(s.claims.exp);
+        record.user = s.user;
+        if s.selected_role.is_some() {
+            record.selected_role = s.selected_role;
+        }
+        if !s.roles.is_empty() {
+            record.roles = s.roles;
+            record.organisations = s.organisations;
+        }
+        record.generation = record.generation.wrapping_add(1);
+        let ttl = self.ttl_for(&record, now);
+        let sealed = self
+            .keys
+            .seal_json(&record, &session_aad(&current.id))
+            .map_err(internal)?;
+        if !self
+            .store
+            .replace_session(&current.id, &sealed, ttl)
+            .await?
+        {
+            return Err(BrokerError::SessionInvalid);
+        }
+        Ok(view(&current.id, &record, now + ttl))
+    }
+
+    /// The hot path: one store read, and a write at most once per touch interval.
+    #[instrument(skip_all, fields(session_id))]
+    pub async fn get_session(&self, session_token: &str) -> Result<SessionView> {
+        let loaded = self.load(session_token).await?;
+        tracing::Span::current().record("session_id", loaded.id.as_str());
+        Ok(view(&loaded.id, &loaded.record, loaded.idle_expires_at))
+    }
+
+    #[instrument(skip_all, fields(api, session_id))]
+    pub async fn check_access(&self, session_token: &str, api: &str) -> Result<AccessCheck> {
+        let policy = self.api_policy(api)?;
+        let loaded = self.load(session_token).await?;
+        tracing::Span::current().record("session_id", loaded.id.as_str());
+        let (allowed, message) =
+            match policy::decide(policy, loaded.record.aal, loaded.record.user.ial) {
+                Access::Allowed => (true, String::new()),
+                Access::StepUpRequired { message, .. }
+                | Access::IdentityTooWeak { message, .. } => (false, message),
+            };
+        Ok(AccessCheck {
+            allowed,
+            api: policy.api.clone(),
+            required_aal: policy.required_aal,
+            current_aal: loaded.record.aal,
+            message,
+        })
+    }
+
+    pub fn api_policy(&self, api: &str) -> Result<&ApiPolicy> {
+        if api.is_empty() {
+            return Err(BrokerError::invalid("api", "is required"));
+        }
+        if api.len() > limits::API {
+            return Err(BrokerError::invalid(
+                "api",
+                format!("is longer than {} bytes", limits::API),
+            ));
+        }
+        self.policy.get(api).ok_or_else(|| {
+            BrokerError::invalid(
+                "api",
+                "is not an API of the policy table (see ListApiPolicies)",
+            )
+        })
+    }
+
+    async fn load(&self, session_token: &str) -> Result<Loaded> {
+        if session_token.len() > limits::SESSION_TOKEN {
+            return Err(BrokerError::SessionInvalid);
+        }
+        let token = SessionToken::parse(session_token).ok_or(BrokerError::SessionInvalid)?;
+        self.load_by_id(token.id()).await
+    }
+
+    async fn load_by_id(&self, id: SessionId) -> Result<Loaded> {
+        let stored = self
+            .store
+            .get_session(&id)
+            .await?
+            .ok_or(BrokerError::SessionInvalid)?;
+        let record: SessionRecord = self
+            .keys
+            .open_json(&stored.sealed, &session_aad(&id))
+            .map_err(|e| {
+                // A removed encryption key, or tampering: either way this session is gone.
+                warn!(session_id = %id, error = %e, "session record could not be opened");
+                BrokerError::SessionInvalid
+            })?;
+        let now = self.clock.now();
+        let expires_at = from_unix_seconds(record.expires_at);
+        if expires_at <= now || stored.ttl.is_zero() {
+            return Err(BrokerError::SessionInvalid);
+        }
+        let mut idle_expires_at = now + stored.ttl;
+        // Slide the idle timer only when the last slide is older than the touch interval: reads
+        // stay reads. The TTL left tells how long ago the last slide was.
+        let full = self.ttl_for(&record, now);
+        if full.saturating_sub(stored.ttl) >= self.settings.sessions.touch_interval {
+            if !self.store.touch_session(&id, full).await? {
+                return Err(BrokerError::SessionInvalid);
+            }
+            idle_expires_at = now + full;
+        }
+        Ok(Loaded {
+            id,
+            record,
+            idle_expires_at,
+        })
+    }
+
+    /// The store TTL of a session: its idle timeout, never past its absolute end.
+    fn ttl_for(&self, record: &SessionRecord, now: SystemTime) -> Duration {
+        let idle = self.settings.sessions.idle_timeout(record.aal);
+        let left = from_unix_seconds(record.expires_at)
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO);
+        idle.min(left)
+    }
+}
+
+struct SignedIn {
+    user: User,
+    selected_role: Option<Role>,
+    roles: Vec<Role>,
+    organisations: Vec<crate::session::Organisation>,
+    id_token: Secret<String>,
+    claims: IdTokenClaims,
+}
+
+fn view(id: &SessionId, r: &SessionRecord, idle_expires_at: SystemTime) -> SessionView {
+    SessionView {
+        session_id: id.clone(),
+        user: r.user.clone(),
+        selected_role: r.selected_role.clone(),
+        roles: r.roles.clone(),
+        organisations: r.organisations.clone(),
+        aal: r.aal,
+        aal_source: r.aal_source,
+        acr: r.acr.clone(),
+        amr: r.amr.clone(),
+        authenticator: authenticator_label(&r.amr),
+        auth_time: from_unix_seconds(r.auth_time),
+        created_at: from_unix_seconds(r.created_at),
+        idle_expires_at,
+        expires_at: from_unix_seconds(r.expires_at),
+    }
+}
+
+fn user_from_claims(c: &IdTokenClaims) -> User {
+    User {
+        uid: c.sub.clone(),
+        name: c.name.clone().unwrap_or_default(),
+        given_name: c.given_name.clone().unwrap_or_default(),
+        family_name: c.family_name.clone().unwrap_or_default(),
+        ..User::default()
+    }
+}
+
+fn login_aad(key: &LoginKey) -> Vec<u8> {
+    format!("login:{}", key.as_str()).into_bytes()
+}
+
+fn session_aad(id: &SessionId) -> Vec<u8> {
+    format!("session:{id}").into_bytes()
+}
+
+fn violation(field: &'static str, description: &str) -> FieldViolation {
+    FieldViolation {
+        field,
+        description: description.into(),
+    }
+}
+
+fn check_len(bad: &mut Vec<FieldViolation>, field: &'static str, value: &str, max: usize) {
+    if value.len() > max {
+        bad.push(FieldViolation {
+            field,
+            description: format!("is longer than {max} bytes"),
+        });
+    }
+}
+
+/// IdP-supplied text reaches us through the user's browser: keep it short and printable.
+fn printable(s: &str, max: usize) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(max)
+        .collect()
+}
+
+fn internal(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Internal(e.to_string())
+}
+
+fn idp_error(e: OidcError) -> BrokerError {
+    match e {
+        OidcError::Unavailable(cause) => BrokerError::IdpUnavailable(cause),
+        OidcError::Rejected { idp_error, detail } => {
+            BrokerError::LoginRejected { idp_error, detail }
+        }
+        OidcError::Misconfigured(fix) => {
+            tracing::error!(problem = %fix, "CIS2 configuration does not match the provider");
+            BrokerError::IdpUnavailable(fix)
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! `SessionBroker` over gRPC: each method converts, calls the broker, converts back.
+
+use super::pb::{self, session_broker_server::SessionBroker};
+use crate::broker::{Broker, StartLogin};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct BrokerService {
+    broker: Arc<Broker>,
+}
+
+impl BrokerService {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        BrokerService { broker }
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl SessionBroker for BrokerService {
+    async fn start_login(
+        &self,
+        request: Request<pb::StartLoginRequest>,
+    ) -> Reply<pb::StartLoginResponse> {
+        let req = StartLogin::try_from(request.into_inner())?;
+        Ok(Response::new(self.broker.start_login(req).await?.into()))
+    }
+
+    async fn exchange_code(
+        &self,
+        request: Request<pb::ExchangeCodeRequest>,
+    ) -> Reply<pb::ExchangeCodeResponse> {
+        Ok(Response::new(
+            self.broker
+                .exchange_code(request.into_inner().into())
+                .await?
+                .into(),
+        ))
+    }
+
+    async fn get_current_aal(
+        &self,
+        request: Request<pb::GetCurrentAalRequest>,
+    ) -> Reply<pb::GetCurrentAalResponse> {
+        let pb::GetCurrentAalRequest { session_token } = request.into_inner();
+        Ok(Response::new(
+            self.broker.get_session(&session_token).await?.into(),
+        ))
+    }
+
+    async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Reply<pb::Session> {
+        let pb::GetSessionRequest { session_token } = request.into_inner();
+        Ok(Response::new(
+            self.broker.get_session(&session_token).await?.into(),
+        ))
+    }
+
+    async fn check_access(
+        &self,
+        request: Request<pb::CheckAccessRequest>,
+    ) -> Reply<pb::CheckAccessResponse> {
+        let pb::CheckAccessRequest { session_token, api } = request.into_inner();
+        Ok(Response::new(
+            self.broker.check_access(&session_token, &api).await?.into(),
+        ))
+    }
+
+    async fn get_pds_token(
+        &self,
+        _request: Request<pb::GetPdsTokenRequest>,
+    ) -> Reply<pb::ApiToken> {
+        Err(Status::unimplemented("GetPdsToken is not available yet"))
+    }
+
+    async fn get_api_token(
+        &self,
+        _request: Request<pb::GetApiTokenRequest>,
+    ) -> Reply<pb::ApiToken> {
+        Err(Status::unimplemented("GetApiToken is not available yet"))
+    }
+
+    async fn logout(&self, _request: Request<pb::LogoutRequest>) -> Reply<pb::LogoutResponse> {
+        Err(Status::unimplemented("Logout is not available yet"))
+    }
+
+    async fn list_user_sessions(
+        &self,
+        _request: Request<pb::ListUserSessionsRequest>,
+    ) -> Reply<pb::ListUserSessionsResponse> {
+        Err(Status::unimplemented(
+            "ListUserSessions is not available yet",
+        ))
+    }
+
+    async fn revoke_user_sessions(
+        &self,
+        _request: Request<pb::RevokeUserSessionsRequest>,
+    ) -> Reply<pb::RevokeUserSessionsResponse> {
+        Err(Status::unimplemented(
+            "RevokeUserSessions is not available yet",
+        ))
+    }
+
+    async fn list_api_policies(
+        &self,
+        _request: Request<pb::ListApiPoliciesRequest>,
+    ) -> Reply<pb::ListApiPoliciesResponse> {
+        let policies = self
+            .broker
+            .policy()
+            .iter()
+            .map(pb::ApiPolicy::from)
+            .collect();
+        Ok(Response::new(pb::ListApiPoliciesResponse { policies }))
+    }
+}

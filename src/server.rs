@@ -1,0 +1,216 @@
+//! Wiring and serving: builds the broker from a [`Config`] and runs the gRPC and HTTP listeners
+//! until shutdown. Tests call [`run`] with listeners bound to port 0.
+
+use crate::broker::{Broker, BrokerSettings};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{ClientAuthMethod, Config, SigningKeySource, StoreConfig};
+use crate::grpc::{BrokerService, pb};
+use crate::oidc::{Cis2Client, ClientAuth, OidcSettings};
+use crate::session::memory::MemoryStore;
+use crate::session::redis::RedisStore;
+use crate::session::{KeyRing, SessionStore};
+use crate::signing::SigningKeys;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+/// The largest gRPC request accepted; every legitimate request is far smaller.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Everything a running broker is made of.
+#[derive(Clone)]
+pub struct App {
+    pub broker: Arc<Broker>,
+    pub signing: Option<Arc<SigningKeys>>,
+    /// Dev mode only: the `/dev` pages.
+    pub dev: Option<Arc<crate::http::dev::DevPages>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+/// Builds the broker. Touches no network: Redis and CIS2 may still be down, and readiness says so.
+pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartupError> {
+    let store: Arc<dyn SessionStore> = match &config.store {
+        StoreConfig::Memory => Arc::new(MemoryStore::new(clock.clone())),
+        StoreConfig::Redis(settings) => Arc::new(
+            RedisStore::new(settings.clone())
+                .map_err(|e| StartupError::Config(format!("store: {e}")))?,
+        ),
+    };
+    let keys = KeyRing::new(&config.encryption_keys)
+        .map_err(|e| StartupError::Config(format!("encryption.keys: {e}")))?;
+    let signing = signing_keys(&config.signing_keys)?;
+    let client_auth = match &config.cis2.client_auth {
+        ClientAuthMethod::ClientSecretPost(secret) => ClientAuth::SecretPost(secret.clone()),
+        ClientAuthMethod::PrivateKeyJwt => ClientAuth::PrivateKeyJwt(
+            signing
+                .clone()
+                .ok_or_else(|| StartupError::Config("private_key_jwt needs signing keys".into()))?,
+        ),
+    };
+    let c = &config.cis2;
+    let cis2 = Cis2Client::new(
+        OidcSettings {
+            issuer: c.issuer.clone(),
+            discovery_url: c.discovery_url.clone(),
+            client_id: c.client_id.clone(),
+            client_auth,
+            http_timeout: c.http_timeout,
+            clock_skew: c.clock_skew,
+            discovery_refresh: c.discovery_refresh,
+            jwks_min_refresh_interval: c.jwks_min_refresh_interval,
+            userinfo: c.userinfo,
+        },
+        clock.clone(),
+    )
+    .map_err(|e| StartupError::Config(format!("cis2: {e}")))?;
+    let broker = Broker::new(
+        store,
+        Arc::new(keys),
+        Arc::new(cis2),
+        clock,
+        BrokerSettings {
+            sessions: config.sessions.clone(),
+            cis2: config.cis2.clone(),
+        },
+        config.policy.clone(),
+    );
+    Ok(App {
+        broker: Arc::new(broker),
+        signing,
+        dev: None,
+    })
+}
+
+/// Builds from configuration with the system clock.
+pub fn build_default(config: &Config) -> Result<App, StartupError> {
+    build(config, Arc::new(SystemClock))
+}
+
+fn signing_keys(sources: &[SigningKeySource]) -> Result<Option<Arc<SigningKeys>>, StartupError> {
+    if sources.is_empty() {
+        return Ok(None);
+    }
+    let mut files = Vec::new();
+    let mut pems = Vec::new();
+    for s in sources {
+        match s {
+            SigningKeySource::File { kid, path } => files.push((kid.clone(), path.clone())),
+            SigningKeySource::Pem { kid, pem } => pems.push((kid.clone(), pem.clone())),
+        }
+    }
+    // Keys come either all from files or all inline: order (newest first) stays as configured.
+    let keys = match (files.is_empty(), pems.is_empty()) {
+        (false, true) => SigningKeys::from_pem_files(&files),
+        (true, false) => SigningKeys::from_pems(&pems),
+        _ => {
+            return Err(StartupError::Config(
+                "signing.keys: use private_key_file for every key, or private_key_pem for every key".into(),
+            ));
+        }
+    }
+    .map_err(|e| StartupError::Config(format!("signing.keys: {e}")))?;
+    Ok(Some(Arc::new(keys)))
+}
+
+/// Serves gRPC on `grpc` and HTTP on `http` until `shutdown` completes, then lets in-flight calls
+/// finish.
+pub async fn run(
+    app: App,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let readiness = tokio::spawn(watch_readiness(app.broker.clone(), health, stop_rx.clone()));
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartupError::Serve(format!("reflection: {e}")))?;
+    let service =
+        pb::session_broker_server::SessionBrokerServer::new(BrokerService::new(app.broker.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+    info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "broker listening");
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpIncoming::from(grpc), stopped(stop_rx.clone()));
+    let http_server = axum::serve(http, crate::http::router(app.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()))
+        .into_future();
+
+    let (g, h) = tokio::join!(grpc_server, http_server);
+    readiness.abort();
+    g.map_err(|e| StartupError::Serve(format!("gRPC: {e}")))?;
+    h.map_err(|e| StartupError::Serve(format!("HTTP: {e}")))?;
+    info!("broker stopped");
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Whether the broker can do its work: the store answers and CIS2's discovery is loaded.
+pub async fn ready(broker: &Broker) -> bool {
+    let store = broker.store().ping().await.is_ok();
+    let cis2 = broker.cis2().ensure_ready().await.is_ok();
+    store && cis2
+}
+
+async fn watch_readiness(
+    broker: Arc<Broker>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = <pb::session_broker_server::SessionBrokerServer<BrokerService> as tonic::server::NamedService>::NAME;
+    let mut last = None;
+    loop {
+        let status = if ready(&broker).await {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            if status == ServingStatus::NotServing {
+                warn!("not ready: the session store or CIS2 discovery is unavailable");
+            } else {
+                info!("ready");
+            }
+            health.set_service_status("", status).await;
+            health.set_service_status(service, status).await;
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+}
