@@ -1,1 +1,166 @@
-fn main() {}
+//! `session-broker`: parse the command line, load configuration, set up logging, run.
+
+use cis2_session_broker::config::Config;
+use cis2_session_broker::telemetry::{self, LogFormat};
+use cis2_session_broker::{dev, server, signing};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "session-broker",
+    version,
+    about = "NHS CIS2 session broker: sign-in, AAL and APIM tokens over gRPC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (production).
+    Serve {
+        /// The TOML configuration file; `BROKER__*` environment variables override it.
+        #[arg(long, short, env = "BROKER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run on loopback with the built-in CIS2 simulator and an in-memory store. Not for production.
+    Dev {
+        /// Keep sessions in this Redis instead of memory, e.g. redis://127.0.0.1:6379.
+        #[arg(long)]
+        redis: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc_addr: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: SocketAddr,
+        /// Where the CIS2 simulator listens.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        sim_addr: SocketAddr,
+    },
+    /// Check a configuration file and print every problem in it.
+    CheckConfig { file: PathBuf },
+    /// Manage the broker's RS512 signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write <dir>/<kid>.pem (private, mode 0600) and <dir>/<kid>.jwks.json (public).
+    Generate {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[arg(long)]
+        kid: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: OK", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{}: {e}", file.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Keys {
+            command: KeysCommand::Generate { dir, kid },
+        } => match signing::generate_key_files(&dir, &kid) {
+            Ok((pem, jwks)) => {
+                println!(
+                    "private key: {}\npublic JWKS: {}",
+                    pem.display(),
+                    jwks.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("keys generate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve { config } => {
+            telemetry::init(LogFormat::Json);
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{}: {e}", config.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime(async move {
+                let app = server::build_default(&config)?;
+                let grpc = tokio::net::TcpListener::bind(config.server.grpc_addr).await?;
+                let http = tokio::net::TcpListener::bind(config.server.http_addr).await?;
+                server::run(app, grpc, http, shutdown_signal()).await
+            })
+        }
+        Command::Dev {
+            redis,
+            grpc_addr,
+            http_addr,
+            sim_addr,
+        } => {
+            telemetry::init(LogFormat::Text);
+            runtime(dev::run(
+                dev::DevOptions {
+                    grpc_addr,
+                    http_addr,
+                    sim_addr,
+                    redis_url: redis,
+                },
+                shutdown_signal(),
+            ))
+        }
+    }
+}
+
+fn runtime(work: impl std::future::Future<Output = Result<(), server::StartupError>>) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("session-broker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,167 @@
+//! `session-broker dev`: the broker with the in-memory store (or `--redis`), wired to the
+//! built-in CIS2 simulator, on loopback only. For trying the broker out and for demos; it says
+//! loudly that it is not for production.
+
+use crate::config::Config;
+use crate::http::dev::DevPages;
+use crate::secret::Secret;
+use crate::server::{self, StartupError};
+use crate::session::KeyRing;
+use crate::signing::{SigningKeys, generate_private_pem};
+use crate::sim::{Cis2Simulator, SimClient, SimOptions};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+pub struct DevOptions {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub sim_addr: SocketAddr,
+    pub redis_url: Option<String>,
+}
+
+pub const DEV_CLIENT_ID: &str = "session-broker-dev";
+const DEV_KID: &str = "dev-1";
+
+/// The configuration dev mode runs on, as TOML, so it goes through the same validation as a
+/// production file.
+pub fn dev_config(
+    opts: &DevOptions,
+    issuer: &str,
+    discovery_url: &str,
+    callback: &str,
+    signing_pem: &Secret<String>,
+) -> Result<Config, StartupError> {
+    let store = match &opts.redis_url {
+        Some(url) => format!("kind = \"redis\"\nurl = {url:?}\nkey_prefix = \"sb-dev:\""),
+        None => "kind = \"memory\"".to_owned(),
+    };
+    let key = KeyRing::generate_key();
+    let text = format!(
+        r#"
+[server]
+grpc_addr = "{grpc}"
+http_addr = "{http}"
+shutdown_grace = "2s"
+
+[store]
+{store}
+
+[cis2]
+issuer = "{issuer}"
+discovery_url = "{discovery_url}"
+client_id = "{DEV_CLIENT_ID}"
+client_auth = "private_key_jwt"
+redirect_uris = ["{callback}"]
+http_timeout = "5s"
+
+"#,
+        grpc = opts.grpc_addr,
+        http = opts.http_addr,
+    );
+    // Secrets go in through the environment route so they never sit in a formatted string.
+    let env = [
+        (
+            "BROKER__ENCRYPTION__KEYS".to_owned(),
+            format!("dev:{}", key.expose()),
+        ),
+        (
+            "BROKER__SIGNING__KEYS".to_owned(),
+            format!(
+                "[{{ kid = \"{DEV_KID}\", private_key_pem = {:?} }}]",
+                signing_pem.expose()
+            ),
+        ),
+    ];
+    Config::from_toml_with_env(&text, env).map_err(|e| StartupError::Config(e.to_string()))
+}
+
+/// Runs dev mode until `shutdown`.
+pub async fn run(
+    opts: DevOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    if !opts.grpc_addr.ip().is_loopback()
+        || !opts.http_addr.ip().is_loopback()
+        || !opts.sim_addr.ip().is_loopback()
+    {
+        return Err(StartupError::Config(
+            "dev mode listens on loopback addresses only".into(),
+        ));
+    }
+    let grpc = TcpListener::bind(opts.grpc_addr).await?;
+    let http = TcpListener::bind(opts.http_addr).await?;
+    let sim_listener = TcpListener::bind(opts.sim_addr).await?;
+    let callback = format!("http://{}/dev/callback", http.local_addr()?);
+
+    let pem = generate_private_pem().map_err(|e| StartupError::Config(e.to_string()))?;
+    let signing = SigningKeys::from_pems(&[(DEV_KID.to_owned(), pem.clone())])
+        .map_err(|e| StartupError::Config(e.to_string()))?;
+    let sim = Cis2Simulator::start(
+        sim_listener,
+        SimOptions {
+            clients: vec![SimClient {
+                client_id: DEV_CLIENT_ID.into(),
+                client_secret: None,
+                jwks: Some(signing.public_jwks()),
+                redirect_uris: vec![callback.clone()],
+                post_logout_redirect_uris: vec![format!("http://{}/dev", http.local_addr()?)],
+            }],
+            ..SimOptions::default()
+        },
+    )
+    .await?;
+
+    let config = dev_config(&opts, sim.issuer(), &sim.discovery_url(), &callback, &pem)?;
+    let mut app = server::build_default(&config)?;
+    app.dev = Some(Arc::new(DevPages {
+        callback_url: callback.clone(),
+        grpc_addr: grpc.local_addr()?.to_string(),
+    }));
+
+    print_banner(
+        &grpc.local_addr()?,
+        &http.local_addr()?,
+        &sim,
+        &callback,
+        opts.redis_url.is_some(),
+    );
+    let result = server::run(app, grpc, http, shutdown).await;
+    sim.shutdown();
+    result
+}
+
+fn print_banner(
+    grpc: &SocketAddr,
+    http: &SocketAddr,
+    sim: &Cis2Simulator,
+    callback: &str,
+    redis: bool,
+) {
+    let store = if redis {
+        "Redis"
+    } else {
+        "in-memory (sessions vanish on exit)"
+    };
+    println!(
+        r#"
+================================================================================
+  cis2-session-broker DEV MODE: NOT FOR PRODUCTION
+  CIS2 is simulated, keys are made up at start-up, the store is {store}.
+================================================================================
+  gRPC   {grpc}   (reflection on: grpcurl -plaintext {grpc} list)
+  HTTP   http://{http}
+  CIS2   {issuer}   (simulator)
+
+  Walk-through:
+   1. Open http://{http}/dev and press "Sign in".
+   2. Pick a test user on the simulator's page (656005750107 has a smartcard and a passkey).
+   3. You land on {callback}, which calls ExchangeCode and shows the session.
+   4. Or over gRPC:
+      grpcurl -plaintext -d '{{"redirect_uri":"{callback}"}}' {grpc} session_broker.v1.SessionBroker/StartLogin
+      then open the authorization_url, and read the session with GetCurrentAal.
+================================================================================
+"#,
+        issuer = sim.issuer(),
+    );
+}
