@@ -30,6 +30,38 @@ pub struct Config {
     pub signing_keys: Vec<SigningKeySource>,
     pub sessions: SessionConfig,
     pub policy: PolicyTable,
+    /// NHS API Management: absent when the broker only signs users in.
+    pub apim: Option<ApimConfig>,
+}
+
+/// Which NHS security pattern the broker runs (reference §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// Sign in with CIS2, then exchange the ID token at APIM (RFC 8693).
+    Separate,
+    /// APIM runs CIS2 and hands out its own tokens; no ID token reaches the broker.
+    Combined,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApimConfig {
+    pub pattern: Pattern,
+    /// The exact token URL: also the `aud` of every client assertion.
+    pub token_url: Url,
+    /// APIM's `/oauth2/authorize` (combined pattern).
+    pub authorize_url: Option<Url>,
+    /// The application's API key: `client_id`, and `iss`/`sub` of client assertions.
+    pub api_key: String,
+    /// Needed by the combined pattern and for refreshing tokens.
+    pub client_secret: Option<Secret<String>>,
+    pub http_timeout: Duration,
+    /// `GetPdsToken`/`GetApiToken` hand out tokens valid at least this long unless asked otherwise.
+    pub min_validity: Duration,
+    /// The lease of the cross-replica lock held while one replica fetches a session's token.
+    pub lock_lease: Duration,
+    /// Add `NHSD-End-User-Organisation-ODS` (the selected role's organisation) to API headers:
+    /// mandatory for apps serving several organisations.
+    pub end_user_organisation_header: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +266,92 @@ struct RawConfig {
     signing: RawSigning,
     sessions: RawSessions,
     policy: RawPolicy,
+    apim: Option<RawApim>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawApim {
+    pattern: String,
+    token_url: String,
+    authorize_url: Option<String>,
+    api_key: String,
+    client_secret: Option<Secret<String>>,
+    http_timeout: String,
+    min_validity: String,
+    lock_lease: String,
+    end_user_organisation_header: bool,
+}
+
+impl Default for RawApim {
+    fn default() -> Self {
+        RawApim {
+            pattern: "separate".into(),
+            token_url: String::new(),
+            authorize_url: None,
+            api_key: String::new(),
+            client_secret: None,
+            // The reference advises 15-30 s on /token.
+            http_timeout: "20s".into(),
+            min_validity: "60s".into(),
+            lock_lease: "10s".into(),
+            end_user_organisation_header: false,
+        }
+    }
+}
+
+impl RawApim {
+    fn validate(self, errors: &mut Vec<String>) -> Option<ApimConfig> {
+        let pattern = match self.pattern.as_str() {
+            "separate" => Some(Pattern::Separate),
+            "combined" => Some(Pattern::Combined),
+            other => {
+                errors.push(format!(
+                    "apim.pattern: {other:?} is not \"separate\" or \"combined\""
+                ));
+                None
+            }
+        };
+        let token_url = if self.token_url.is_empty() {
+            errors.push(
+                "apim.token_url: required, e.g. https://int.api.service.nhs.uk/oauth2/token".into(),
+            );
+            None
+        } else {
+            absolute_url("apim.token_url", &self.token_url, errors)
+        };
+        let authorize_url = self
+            .authorize_url
+            .as_deref()
+            .and_then(|u| absolute_url("apim.authorize_url", u, errors));
+        if self.api_key.trim().is_empty() {
+            errors.push("apim.api_key: required (the application's API key)".into());
+        }
+        let client_secret = self.client_secret.filter(|s| !s.expose().is_empty());
+        if pattern == Some(Pattern::Combined) {
+            if authorize_url.is_none() {
+                errors.push("apim.authorize_url: required by the combined pattern".into());
+            }
+            if client_secret.is_none() {
+                errors.push("apim.client_secret: required by the combined pattern (BROKER__APIM__CLIENT_SECRET)".into());
+            }
+        }
+        let http_timeout = duration("apim.http_timeout", &self.http_timeout, errors);
+        positive("apim.http_timeout", http_timeout, errors);
+        let lock_lease = duration("apim.lock_lease", &self.lock_lease, errors);
+        positive("apim.lock_lease", lock_lease, errors);
+        Some(ApimConfig {
+            pattern: pattern?,
+            token_url: token_url?,
+            authorize_url,
+            api_key: self.api_key,
+            client_secret,
+            http_timeout,
+            min_validity: duration("apim.min_validity", &self.min_validity, errors),
+            lock_lease,
+            end_user_organisation_header: self.end_user_organisation_header,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -485,6 +603,16 @@ impl RawConfig {
         }
         let sessions = self.sessions.validate(errors);
         let policy = self.policy.validate(errors);
+        let apim = self.apim.map(|a| a.validate(errors));
+        if let Some(Some(a)) = &apim
+            && a.pattern == Pattern::Separate
+            && signing_keys.is_empty()
+        {
+            errors.push(
+                "apim: the separate pattern signs client assertions: add a [[signing.keys]] entry"
+                    .into(),
+            );
+        }
         Some(Config {
             server: ServerConfig {
                 grpc_addr: grpc_addr?,
@@ -497,6 +625,10 @@ impl RawConfig {
             signing_keys,
             sessions: sessions?,
             policy,
+            apim: match apim {
+                Some(a) => Some(a?),
+                None => None,
+            },
         })
     }
 }
@@ -903,6 +1035,45 @@ default_aal = 1
         let errs = load(&text, &[]).expect_err("placeholder key").0;
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].starts_with("encryption.keys"), "{errs:?}");
+    }
+
+    #[test]
+    fn apim_settings_are_checked_per_pattern() {
+        let separate = format!(
+            "{}\n[[signing.keys]]\nkid = \"k1\"\nprivate_key_file = \"/k.pem\"\n[apim]\ntoken_url = \"https://int.api.service.nhs.uk/oauth2/token\"\napi_key = \"key\"\n",
+            minimal()
+        );
+        let c = load(&separate, &[]).expect("valid");
+        let apim = c.apim.expect("apim configured");
+        assert_eq!(apim.pattern, Pattern::Separate);
+        assert_eq!(apim.min_validity, Duration::from_secs(60));
+        assert_eq!(
+            apim.token_url.as_str(),
+            "https://int.api.service.nhs.uk/oauth2/token"
+        );
+
+        let combined = format!(
+            "{}\n[apim]\npattern = \"combined\"\ntoken_url = \"https://x/oauth2/token\"\napi_key = \"k\"\n",
+            minimal()
+        );
+        let errs = load(&combined, &[])
+            .expect_err("combined needs more")
+            .0
+            .join("\n");
+        assert!(
+            errs.contains("apim.authorize_url") && errs.contains("apim.client_secret"),
+            "{errs}"
+        );
+
+        let no_key = format!(
+            "{}\n[apim]\ntoken_url = \"https://x/oauth2/token\"\napi_key = \"k\"\n",
+            minimal()
+        );
+        let errs = load(&no_key, &[])
+            .expect_err("needs a signing key")
+            .0
+            .join("\n");
+        assert!(errs.contains("signing.keys"), "{errs}");
     }
 
     #[test]
