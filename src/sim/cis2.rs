@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
@@ -38,10 +38,10 @@ use tracing::debug;
 pub const REALM: &str = "/openam/oauth2/realms/root/realms/NHSIdentity/realms/Healthcare";
 
 /// Authorization codes live 60 s, as short as real providers make them.
-const CODE_TTL_SECS: i64 = 60;
+pub(crate) const CODE_TTL_SECS: i64 = 60;
 /// A client assertion may be valid for at most 5 minutes (NHS rule: `exp = iat + 300`).
-const ASSERTION_MAX_AHEAD_SECS: i64 = 300;
-const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub(crate) const ASSERTION_MAX_AHEAD_SECS: i64 = 300;
+pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// How far in the past `Expired` tokens expire: beyond any sane clock-skew leeway.
 const EXPIRED_BY_SECS: i64 = 600;
 /// How old `StaleAuthTime` makes `auth_time`.
@@ -200,6 +200,11 @@ impl Cis2Simulator {
         self.inner.faults.clear();
     }
 
+    /// Every ID token and access token this simulator has issued (tests scan for leaks).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.inner.grants().issued.clone()
+    }
+
     pub fn token_calls(&self) -> u64 {
         self.inner.calls.token.load(Ordering::Relaxed)
     }
@@ -220,13 +225,26 @@ impl Cis2Simulator {
         users::USERS
     }
 
+    /// Registers one more relying party while running: the APIM simulator signs users in
+    /// through CIS2 as a client of its own, with a callback only known once it is listening.
+    pub fn register_client(&self, client: SimClient) {
+        let mut clients = self
+            .inner
+            .clients
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut updated = Vec::clone(&clients);
+        updated.push(client);
+        *clients = Arc::new(updated);
+    }
+
     /// Stops accepting connections; requests in flight finish.
     pub fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
     }
 }
 
-fn base_url_of(addr: SocketAddr) -> String {
+pub(crate) fn base_url_of(addr: SocketAddr) -> String {
     let ip = match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -238,7 +256,8 @@ fn base_url_of(addr: SocketAddr) -> String {
 struct Inner {
     base_url: String,
     issuer: String,
-    clients: Vec<SimClient>,
+    /// Behind a lock only so that [`Cis2Simulator::register_client`] can add one after start.
+    clients: RwLock<Arc<Vec<SimClient>>>,
     id_token_ttl: i64,
     access_token_ttl: i64,
     clock: Arc<dyn Clock>,
@@ -268,6 +287,8 @@ struct Grants {
     jtis: HashMap<(String, String), i64>,
     /// CIS2 sessions by `sid`, for end-session (and, later, back-channel logout).
     sessions: HashMap<String, SimSession>,
+    /// Every ID and access token issued, so tests can prove none leaks into a store or a log.
+    issued: Vec<String>,
 }
 
 struct Redeemed {
@@ -324,7 +345,7 @@ impl Inner {
             .unwrap_or_else(|| format!("{base_url}{REALM}"));
         Inner {
             issuer,
-            clients: options.clients,
+            clients: RwLock::new(Arc::new(options.clients)),
             id_token_ttl: secs(options.id_token_ttl),
             access_token_ttl: secs(options.access_token_ttl),
             clock,
@@ -348,8 +369,17 @@ impl Inner {
         unix_seconds(self.clock.now())
     }
 
-    fn client(&self, client_id: &str) -> Option<&SimClient> {
-        find_client(&self.clients, client_id)
+    fn client(&self, client_id: &str) -> Option<SimClient> {
+        find_client(&self.clients(), client_id).cloned()
+    }
+
+    /// A snapshot of the registered clients.
+    fn clients(&self) -> Arc<Vec<SimClient>> {
+        // A poisoned lock still holds a whole Arc: swapping it is the only write.
+        self.clients
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     fn grants(&self) -> MutexGuard<'_, Grants> {
@@ -373,15 +403,15 @@ fn find_client<'c>(clients: &'c [SimClient], client_id: &str) -> Option<&'c SimC
 // Request parameters
 
 /// Form or query parameters, in order, duplicates kept so they can be refused.
-struct Params(Vec<(String, String)>);
+pub(crate) struct Params(Vec<(String, String)>);
 
 impl Params {
-    fn parse(raw: &[u8]) -> Self {
+    pub(crate) fn parse(raw: &[u8]) -> Self {
         Params(url::form_urlencoded::parse(raw).into_owned().collect())
     }
 
     /// The value of a parameter. An empty value counts as absent (RFC 6749 §3.1).
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(n, v)| n == name && !v.is_empty())
@@ -393,7 +423,7 @@ impl Params {
     }
 
     /// The first parameter given more than once (RFC 6749 §3.1 forbids it).
-    fn first_repeated(&self) -> Option<&str> {
+    pub(crate) fn first_repeated(&self) -> Option<&str> {
         self.0
             .iter()
             .map(|(n, _)| n.as_str())
@@ -738,7 +768,7 @@ async fn authorize_form(
 }
 
 fn authorize_params(inner: &Inner, params: Params) -> Response {
-    let request = match parse_authorize(&params, &inner.clients) {
+    let request = match parse_authorize(&params, &inner.clients()) {
         Ok(request) => request,
         Err(error) => return authorize_error(inner, error),
     };
@@ -761,7 +791,7 @@ async fn authorize_select(
         );
     }
     let params = Params::parse(&body);
-    let request = match parse_authorize(&params, &inner.clients) {
+    let request = match parse_authorize(&params, &inner.clients()) {
         Ok(request) => request,
         Err(error) => return authorize_error(&inner, error),
     };
@@ -898,7 +928,7 @@ fn authorize_error(inner: &Inner, error: AuthorizeError) -> Response {
 }
 
 /// A 302 to `uri` with `params` added to its query.
-fn redirect_to(uri: &str, params: &[(&str, &str)]) -> Response {
+pub(crate) fn redirect_to(uri: &str, params: &[(&str, &str)]) -> Response {
     let Ok(mut url) = url::Url::parse(uri) else {
         return page_response(
             StatusCode::BAD_REQUEST,
@@ -928,7 +958,7 @@ fn redirect_to(uri: &str, params: &[(&str, &str)]) -> Response {
         .into_response()
 }
 
-fn page_response(status: StatusCode, html: String) -> Response {
+pub(crate) fn page_response(status: StatusCode, html: String) -> Response {
     (
         status,
         [
@@ -944,7 +974,7 @@ fn page_response(status: StatusCode, html: String) -> Response {
         .into_response()
 }
 
-fn is_form(headers: &HeaderMap) -> bool {
+pub(crate) fn is_form(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -1007,7 +1037,7 @@ impl IntoResponse for OAuthError {
     }
 }
 
-fn no_store() -> [(header::HeaderName, &'static str); 2] {
+pub(crate) fn no_store() -> [(header::HeaderName, &'static str); 2] {
     [
         (header::CACHE_CONTROL, "no-store"),
         (header::PRAGMA, "no-cache"),
@@ -1085,6 +1115,9 @@ fn redeem(inner: &Inner, headers: &HeaderMap, body: &[u8]) -> Result<Value, OAut
         if let Some(redeemed) = grants.redeemed.get_mut(code) {
             redeemed.access_token = Some(access_token.clone());
         }
+        grants
+            .issued
+            .extend([access_token.clone(), id_token.clone()]);
     }
     debug!(client_id = %client.client_id, uid = grant.user.uid, "cis2 simulator issued tokens");
     Ok(json!({
@@ -1147,11 +1180,7 @@ fn check_grant(grant: &CodeGrant, client_id: &str, params: &Params) -> Result<()
     Ok(())
 }
 
-fn authenticate_client<'i>(
-    inner: &'i Inner,
-    params: &Params,
-    now: i64,
-) -> Result<&'i SimClient, OAuthError> {
+fn authenticate_client(inner: &Inner, params: &Params, now: i64) -> Result<SimClient, OAuthError> {
     match (
         params.get("client_assertion_type"),
         params.get("client_assertion"),
@@ -1167,10 +1196,11 @@ fn authenticate_client<'i>(
                     "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
                 ));
             }
+            let clients = inner.clients();
             let (client, claims) = verify_client_assertion(
                 assertion,
                 params.get("client_id"),
-                &inner.clients,
+                &clients,
                 &inner.token_endpoint(),
                 now,
             )?;
@@ -1183,7 +1213,7 @@ fn authenticate_client<'i>(
                 ));
             }
             grants.jtis.insert(key, claims.exp);
-            Ok(client)
+            Ok(client.clone())
         }
         (None, None) => authenticate_secret(inner, params),
         _ => Err(OAuthError::invalid_request(
@@ -1192,7 +1222,7 @@ fn authenticate_client<'i>(
     }
 }
 
-fn authenticate_secret<'i>(inner: &'i Inner, params: &Params) -> Result<&'i SimClient, OAuthError> {
+fn authenticate_secret(inner: &Inner, params: &Params) -> Result<SimClient, OAuthError> {
     let Some(client_id) = params.get("client_id") else {
         return Err(OAuthError::invalid_client("no client authentication"));
     };
@@ -1214,7 +1244,7 @@ fn authenticate_secret<'i>(inner: &'i Inner, params: &Params) -> Result<&'i SimC
 }
 
 /// Constant time, length included: both sides are hashed to equal-length digests first.
-fn secrets_match(given: &str, registered: &str) -> bool {
+pub(crate) fn secrets_match(given: &str, registered: &str) -> bool {
     let given = Sha256::digest(given.as_bytes());
     let registered = Sha256::digest(registered.as_bytes());
     bool::from(given.as_slice().ct_eq(registered.as_slice()))

@@ -1,0 +1,144 @@
+//! After full flows, no secret is to be found in Redis (keys or values) or in any log line.
+
+mod common;
+
+use cis2_session_broker::grpc::pb;
+use common::*;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+/// Collects every log line of this test binary, at the most verbose level.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .expect("log buffer lock")
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn no_secret_reaches_redis_or_the_logs() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+
+    let h = Harness::start().await;
+    let mut secrets: Vec<(String, String)> = vec![("client secret".into(), CLIENT_SECRET.into())];
+
+    // A sign-in at AAL2 ...
+    let started = h
+        .start_login(Harness::login_request(pb::Aal::Aal2))
+        .await
+        .expect("started");
+    let nonce = url::Url::parse(&started.authorization_url)
+        .expect("url")
+        .query_pairs()
+        .find(|(k, _)| k == "nonce")
+        .map(|(_, v)| v.into_owned())
+        .expect("nonce");
+    let cb = h
+        .authorize(
+            &started.authorization_url,
+            SMARTCARD_AND_PASSKEY,
+            Some("PASSKEY"),
+        )
+        .await;
+    let ex = h.exchange(&cb).await.expect("signed in");
+    secrets.extend([
+        ("state".into(), cb.state.clone()),
+        ("code".into(), cb.code.clone()),
+        ("nonce".into(), nonce),
+        ("session token".into(), ex.session_token.clone()),
+    ]);
+    h.current_aal(&ex.session_token).await.expect("live");
+    h.session(&ex.session_token).await.expect("live");
+
+    // ... a step-up to AAL3 ...
+    let started = h
+        .start_login(pb::StartLoginRequest {
+            redirect_uri: CALLBACK.into(),
+            api: "eps".into(),
+            session_token: ex.session_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("step-up started");
+    let cb = h
+        .authorize(
+            &started.authorization_url,
+            SMARTCARD_AND_PASSKEY,
+            Some("N3_SMARTCARD"),
+        )
+        .await;
+    h.exchange(&cb).await.expect("stepped up");
+    secrets.extend([
+        ("step-up state".into(), cb.state.clone()),
+        ("step-up code".into(), cb.code.clone()),
+    ]);
+
+    // ... and failures, whose error paths log too.
+    h.exchange(&cb).await.expect_err("replay");
+    h.current_aal(&format!("{}x", ex.session_token))
+        .await
+        .expect_err("malformed");
+
+    for (i, t) in h.sim.issued_tokens().into_iter().enumerate() {
+        secrets.push((format!("issued token {i}"), t));
+    }
+    assert!(secrets.len() >= 10, "the scan must have tokens to look for");
+
+    let dump = h.redis_dump().await;
+    assert!(!dump.is_empty(), "the flow must have written to Redis");
+    let logs = String::from_utf8_lossy(&logs.0.lock().expect("log buffer lock")).into_owned();
+    assert!(logs.contains("session created"), "logs were not captured");
+    for (what, secret) in &secrets {
+        assert!(
+            secret.len() >= 16,
+            "{what} is too short to scan for meaningfully"
+        );
+        for (key, value) in &dump {
+            assert!(
+                !key.contains(secret.as_str()),
+                "{what} appears in Redis key {key}"
+            );
+            assert!(
+                !contains(value, secret.as_bytes()),
+                "{what} appears in the Redis value at {key}"
+            );
+        }
+        assert!(
+            !logs.contains(secret.as_str()),
+            "{what} appears in the logs"
+        );
+    }
+    // Personal details are sealed too: the user's name is not readable from Redis.
+    let name = h
+        .session(&ex.session_token)
+        .await
+        .expect("live")
+        .user
+        .expect("user")
+        .family_name;
+    assert!(!name.is_empty());
+    assert!(
+        dump.iter().all(|(_, v)| !contains(v, name.as_bytes())),
+        "names are stored in clear"
+    );
+    h.stop().await;
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
