@@ -35,12 +35,14 @@
 //! # Ok(()) }
 //! ```
 
+pub mod apim;
 pub mod cis2;
 pub mod faults;
 pub mod keys;
 mod page;
 pub mod users;
 
+pub use apim::{ApimApp, ApimFault, ApimOptions, ApimSimulator, TokenInfo};
 pub use cis2::{Cis2Simulator, REALM, SimClient, SimOptions};
 pub use faults::Fault;
 pub use users::{Authenticator, SimRole, SimUser};
