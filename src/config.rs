@@ -6,6 +6,8 @@
 //! as TOML; everything else is a string). Secrets are [`Secret`]s: `Debug` never shows them.
 
 use crate::aal::Aal;
+use crate::grpc::auth::AllowedRpcs;
+use crate::grpc::limits::Limits;
 use crate::policy::{ApiPolicy, PolicyTable};
 use crate::secret::Secret;
 use crate::session::redis::RedisSettings;
@@ -32,6 +34,8 @@ pub struct Config {
     pub policy: PolicyTable,
     /// NHS API Management: absent when the broker only signs users in.
     pub apim: Option<ApimConfig>,
+    /// The backend services that may call the broker (`[[callers]]`).
+    pub callers: Vec<CallerConfig>,
 }
 
 /// Which NHS security pattern the broker runs (reference §2).
@@ -70,6 +74,40 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     /// How long in-flight calls may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Serve gRPC server reflection (so grpcurl needs no proto files).
+    pub reflection: bool,
+    /// Serve gRPC over TLS; mutual TLS when a client CA is given.
+    pub tls: Option<TlsConfig>,
+    /// Let a call with no credential at all through, as caller "unauthenticated", to every RPC.
+    /// Only for a broker that nothing but trusted workloads can reach.
+    pub insecure_allow_unauthenticated_callers: bool,
+}
+
+/// `[server.tls]`: PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Client certificates must chain to this CA: turns on mutual TLS.
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse TLS connections without a client certificate (else callers may use bearer tokens,
+    /// and health checks need no certificate).
+    pub require_client_cert: bool,
+}
+
+/// One `[[callers]]` entry: a backend service, how it proves who it is, what it may call.
+#[derive(Debug, Clone)]
+pub struct CallerConfig {
+    pub name: String,
+    /// SHA-256 of the caller's bearer token. The token itself is never configured.
+    pub token_sha256: Option<[u8; 32]>,
+    /// The client certificate's subject, in RFC 4514 form without spaces (as
+    /// `openssl x509 -noout -subject -nameopt RFC2253` prints it).
+    pub client_cert_subject: Option<String>,
+    /// A URI or DNS subject alternative name of the client certificate (e.g. a SPIFFE ID).
+    pub client_cert_san: Option<String>,
+    pub rpcs: AllowedRpcs,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +305,7 @@ struct RawConfig {
     sessions: RawSessions,
     policy: RawPolicy,
     apim: Option<RawApim>,
+    callers: Vec<RawCaller>,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +399,9 @@ struct RawServer {
     grpc_addr: String,
     http_addr: String,
     shutdown_grace: String,
+    reflection: bool,
+    tls: Option<RawTls>,
+    insecure_allow_unauthenticated_callers: bool,
 }
 
 impl Default for RawServer {
@@ -368,8 +410,34 @@ impl Default for RawServer {
             grpc_addr: "0.0.0.0:50051".into(),
             http_addr: "0.0.0.0:8080".into(),
             shutdown_grace: "20s".into(),
+            reflection: true,
+            tls: None,
+            insecure_allow_unauthenticated_callers: false,
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    require_client_cert: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCaller {
+    name: String,
+    token_sha256: Option<String>,
+    client_cert_subject: Option<String>,
+    client_cert_san: Option<String>,
+    #[serde(default)]
+    rpcs: Vec<String>,
+    rate_per_second: Option<i64>,
+    max_pending_logins_per_minute: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -587,6 +655,8 @@ impl RawConfig {
         let grpc_addr = socket_addr("server.grpc_addr", &self.server.grpc_addr, errors);
         let http_addr = socket_addr("server.http_addr", &self.server.http_addr, errors);
         let shutdown_grace = duration("server.shutdown_grace", &self.server.shutdown_grace, errors);
+        let tls = self.server.tls.and_then(|t| t.validate(errors));
+        let callers = validate_callers(self.callers, errors);
         let store = self.store.validate(errors);
         let encryption_keys = self.encryption.validate(errors);
         let cis2 = self.cis2.validate(errors);
@@ -618,6 +688,11 @@ impl RawConfig {
                 grpc_addr: grpc_addr?,
                 http_addr: http_addr?,
                 shutdown_grace,
+                reflection: self.server.reflection,
+                tls,
+                insecure_allow_unauthenticated_callers: self
+                    .server
+                    .insecure_allow_unauthenticated_callers,
             },
             store: store?,
             encryption_keys,
@@ -629,6 +704,7 @@ impl RawConfig {
                 Some(a) => Some(a?),
                 None => None,
             },
+            callers,
         })
     }
 }
@@ -886,6 +962,190 @@ impl RawPolicy {
     }
 }
 
+impl Config {
+    /// Why this configuration cannot serve: no caller could ever be admitted. Kept out of
+    /// validation so a file may be checked piecemeal; `server::build` and `check-config` ask.
+    pub fn callers_problem(&self) -> Option<String> {
+        (self.callers.is_empty() && !self.server.insecure_allow_unauthenticated_callers).then(
+            || {
+                "callers: no [[callers]] configured, so every RPC would be refused: add one \
+             (`session-broker callers new-token` makes a token and its hash), or set \
+             server.insecure_allow_unauthenticated_callers = true if only trusted workloads can \
+             reach the broker"
+                    .to_owned()
+            },
+        )
+    }
+}
+
+impl RawTls {
+    fn validate(self, errors: &mut Vec<String>) -> Option<TlsConfig> {
+        let mut readable = |field: &str, path: &Path| {
+            if !path.is_file() {
+                errors.push(format!(
+                    "server.tls.{field}: {} is not a readable file",
+                    path.display()
+                ));
+            }
+        };
+        readable("cert_file", &self.cert_file);
+        readable("key_file", &self.key_file);
+        if let Some(ca) = &self.client_ca_file {
+            readable("client_ca_file", ca);
+        } else if self.require_client_cert {
+            errors.push(
+                "server.tls.require_client_cert: needs client_ca_file (the CA client certificates chain to)"
+                    .into(),
+            );
+        }
+        Some(TlsConfig {
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+            client_ca_file: self.client_ca_file,
+            require_client_cert: self.require_client_cert,
+        })
+    }
+}
+
+/// Every caller's problems are reported, and names, token hashes, subjects and SANs must each
+/// be unique: two callers sharing a credential would make the name in the log a guess.
+fn validate_callers(raw: Vec<RawCaller>, errors: &mut Vec<String>) -> Vec<CallerConfig> {
+    let mut out: Vec<CallerConfig> = Vec::new();
+    for (i, c) in raw.into_iter().enumerate() {
+        let field = format!("callers[{i}]");
+        if let Some(caller) = validate_caller(&field, c, errors) {
+            let clash = |what: &str, other: &CallerConfig| {
+                format!(
+                    "{field}: {what} is also caller {:?}'s: each caller needs its own",
+                    other.name
+                )
+            };
+            for other in &out {
+                if other.name == caller.name {
+                    errors.push(clash("the name", other));
+                }
+                if caller.token_sha256.is_some() && other.token_sha256 == caller.token_sha256 {
+                    errors.push(clash("token_sha256", other));
+                }
+                if caller.client_cert_subject.is_some()
+                    && other.client_cert_subject == caller.client_cert_subject
+                {
+                    errors.push(clash("client_cert_subject", other));
+                }
+                if caller.client_cert_san.is_some()
+                    && other.client_cert_san == caller.client_cert_san
+                {
+                    errors.push(clash("client_cert_san", other));
+                }
+            }
+            out.push(caller);
+        }
+    }
+    out
+}
+
+fn validate_caller(field: &str, c: RawCaller, errors: &mut Vec<String>) -> Option<CallerConfig> {
+    let before = errors.len();
+    let has_credential =
+        c.token_sha256.is_some() || c.client_cert_subject.is_some() || c.client_cert_san.is_some();
+    let name_ok = !c.name.is_empty()
+        && c.name.len() <= 64
+        && c.name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !name_ok {
+        errors.push(format!(
+            "{field}.name: {:?}: use A-Z, a-z, 0-9, '-', '_' and '.' (at most 64)",
+            c.name
+        ));
+    }
+    let token_sha256 = c.token_sha256.as_deref().and_then(|h| {
+        let parsed = crate::grpc::auth::parse_token_hash(h);
+        if parsed.is_none() {
+            errors.push(format!(
+                "{field}.token_sha256: not 64 hex digits (the SHA-256 of the token: `session-broker callers hash-token`)"
+            ));
+        }
+        parsed
+    });
+    let client_cert_subject = c.client_cert_subject.as_deref().and_then(|s| {
+        let canonical = s
+            .parse::<x509_cert::name::RdnSequence>()
+            .ok()
+            .filter(|n| !n.is_empty())
+            .map(|n| n.to_string());
+        if canonical.is_none() {
+            errors.push(format!(
+                "{field}.client_cert_subject: {s:?} is not an RFC 4514 name like \"CN=web-frontend,O=Example\""
+            ));
+        }
+        canonical
+    });
+    let client_cert_san = c.client_cert_san.filter(|s| {
+        let ok = !s.trim().is_empty() && s.trim() == s;
+        if !ok {
+            errors.push(format!(
+                "{field}.client_cert_san: empty or padded with spaces"
+            ));
+        }
+        ok
+    });
+    if !has_credential {
+        errors.push(format!(
+            "{field}: give token_sha256, client_cert_subject or client_cert_san: how the caller proves who it is"
+        ));
+    }
+    let rpcs = if c.rpcs.is_empty() {
+        errors.push(format!(
+            "{field}.rpcs: list the RPCs this caller may use, or [\"*\"] for all"
+        ));
+        None
+    } else {
+        AllowedRpcs::parse(&c.rpcs)
+            .map_err(|bad| {
+                errors.push(format!(
+                    "{field}.rpcs: not RPCs of SessionBroker: {}",
+                    bad.join(", ")
+                ))
+            })
+            .ok()
+    };
+    let defaults = Limits::default();
+    let mut bound = |key: &str, value: Option<i64>, default: u32| {
+        let v = value.unwrap_or(i64::from(default));
+        u32::try_from(v)
+            .ok()
+            .filter(|v| (1..=1_000_000).contains(v))
+            .unwrap_or_else(|| {
+                errors.push(format!("{field}.{key}: {v} is not between 1 and 1000000"));
+                default
+            })
+    };
+    let limits = Limits {
+        rate_per_second: bound(
+            "rate_per_second",
+            c.rate_per_second,
+            defaults.rate_per_second,
+        ),
+        logins_per_minute: bound(
+            "max_pending_logins_per_minute",
+            c.max_pending_logins_per_minute,
+            defaults.logins_per_minute,
+        ),
+    };
+    if errors.len() > before {
+        return None;
+    }
+    Some(CallerConfig {
+        name: c.name,
+        token_sha256,
+        client_cert_subject,
+        client_cert_san,
+        rpcs: rpcs?,
+        limits,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1119,5 +1379,186 @@ default_aal = 1
         assert_eq!(c.policy.get("pds").map(|p| p.required_aal), Some(Aal::Aal3));
         assert_eq!(c.policy.get("nrl").map(|p| p.required_aal), Some(Aal::Aal2));
         assert!(c.policy.get("eps").is_some());
+    }
+
+    // sha256("abc") and sha256("") : any 64 hex digits will do.
+    const HASH_A: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    const HASH_B: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn callers_are_read_with_their_credentials_rpcs_and_limits() {
+        let text = format!(
+            r#"{}
+[[callers]]
+name = "web-frontend"
+token_sha256 = "{}"
+rpcs = ["StartLogin", "ExchangeCode", "Logout", "GetSession"]
+rate_per_second = 50
+
+[[callers]]
+name = "prescribing"
+client_cert_subject = "CN=prescribing,O=Example Trust"
+client_cert_san = "spiffe://example.nhs.uk/ns/rx/sa/api"
+rpcs = ["*"]
+max_pending_logins_per_minute = 10
+"#,
+            minimal(),
+            HASH_A.to_uppercase()
+        );
+        let c = load(&text, &[]).expect("valid");
+        assert_eq!(c.callers.len(), 2);
+        let web = &c.callers[0];
+        assert_eq!(web.name, "web-frontend");
+        assert_eq!(
+            web.token_sha256,
+            crate::grpc::auth::parse_token_hash(HASH_A)
+        );
+        assert!(web.rpcs.allows("ExchangeCode") && !web.rpcs.allows("GetApiToken"));
+        assert_eq!(
+            web.limits,
+            Limits {
+                rate_per_second: 50,
+                logins_per_minute: 600
+            }
+        );
+        let rx = &c.callers[1];
+        assert_eq!(rx.token_sha256, None);
+        assert_eq!(
+            rx.client_cert_subject.as_deref(),
+            Some("CN=prescribing,O=Example Trust")
+        );
+        assert_eq!(rx.rpcs, AllowedRpcs::All);
+        assert_eq!(rx.limits.rate_per_second, 200);
+        assert_eq!(rx.limits.logins_per_minute, 10);
+        assert!(c.callers_problem().is_none());
+        assert!(c.server.reflection, "reflection is on by default");
+        assert!(c.server.tls.is_none());
+    }
+
+    #[test]
+    fn every_caller_problem_is_reported_at_once() {
+        let text = format!(
+            r#"{}
+[[callers]]
+name = "web frontend"
+token_sha256 = "not-hex"
+rpcs = ["StartLogin", "DeleteEverything"]
+
+[[callers]]
+name = "a"
+token_sha256 = "{HASH_A}"
+rpcs = []
+rate_per_second = 0
+
+[[callers]]
+name = "a"
+token_sha256 = "{HASH_A}"
+rpcs = ["*", "StartLogin"]
+max_pending_logins_per_minute = -1
+
+[[callers]]
+name = "no-credential"
+rpcs = ["*"]
+
+[[callers]]
+name = "bad-subject"
+client_cert_subject = "web frontend"
+rpcs = ["*"]
+
+[[callers]]
+name = "c"
+client_cert_san = "spiffe://x"
+rpcs = ["*"]
+
+[[callers]]
+name = "d"
+client_cert_san = "spiffe://x"
+token_sha256 = "{HASH_B}"
+rpcs = ["GetSession"]
+"#,
+            minimal()
+        );
+        let errs = load(&text, &[]).expect_err("invalid").0.join("\n");
+        for needle in [
+            "callers[0].name",
+            "callers[0].token_sha256",
+            "DeleteEverything",
+            "callers[1].rpcs",
+            "callers[1].rate_per_second",
+            "callers[2].rpcs",
+            "callers[2].max_pending_logins_per_minute",
+            "callers[3]: give token_sha256",
+            "callers[4].client_cert_subject",
+            "callers[6]: client_cert_san is also caller \"c\"'s",
+        ] {
+            assert!(errs.contains(needle), "{needle} not reported in:\n{errs}");
+        }
+        // callers[2] is invalid on its own, so the duplicate name and hash are not compared.
+        let once = format!(
+            "{}\n[[callers]]\nname = \"a\"\ntoken_sha256 = \"{HASH_A}\"\nrpcs = [\"*\"]\n[[callers]]\nname = \"a\"\ntoken_sha256 = \"{HASH_A}\"\nrpcs = [\"*\"]\n",
+            minimal()
+        );
+        let errs = load(&once, &[]).expect_err("duplicates").0.join("\n");
+        assert!(
+            errs.contains("callers[1]: the name is also caller \"a\"'s")
+                && errs.contains("callers[1]: token_sha256 is also caller \"a\"'s"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn no_callers_cannot_serve_unless_loudly_allowed() {
+        let c = load(&minimal(), &[]).expect("valid as a file");
+        assert!(
+            c.callers_problem()
+                .is_some_and(|p| p.contains("insecure_allow_unauthenticated_callers"))
+        );
+        let c = load(
+            &minimal(),
+            &[
+                (
+                    "BROKER__SERVER__INSECURE_ALLOW_UNAUTHENTICATED_CALLERS",
+                    "true",
+                ),
+                ("BROKER__SERVER__REFLECTION", "false"),
+            ],
+        )
+        .expect("valid");
+        assert!(c.callers_problem().is_none());
+        assert!(!c.server.reflection);
+        let c = load(
+            &minimal(),
+            &[(
+                "BROKER__CALLERS",
+                &format!("[{{ name = \"env\", token_sha256 = \"{HASH_B}\", rpcs = [\"*\"] }}]"),
+            )],
+        )
+        .expect("callers from the environment");
+        assert_eq!(c.callers[0].name, "env");
+        assert!(c.callers_problem().is_none());
+    }
+
+    #[test]
+    fn tls_files_must_exist_and_a_required_client_cert_needs_a_ca() {
+        let text = format!(
+            "{}\n[server.tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\nrequire_client_cert = true\n",
+            minimal()
+        );
+        let errs = load(&text, &[]).expect_err("missing files").0.join("\n");
+        for needle in [
+            "server.tls.cert_file",
+            "server.tls.key_file",
+            "server.tls.require_client_cert",
+        ] {
+            assert!(errs.contains(needle), "{needle} not reported in:\n{errs}");
+        }
+        let here = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let text = format!(
+            "{}\n[server.tls]\ncert_file = {here:?}\nkey_file = {here:?}\nclient_ca_file = {here:?}\n",
+            minimal()
+        );
+        let tls = load(&text, &[]).expect("files exist").server.tls;
+        let tls = tls.expect("TLS configured");
+        assert!(tls.client_ca_file.is_some() && !tls.require_client_cert);
     }
 }

@@ -1,8 +1,11 @@
 //! The gRPC face of the broker: the `session_broker.v1.SessionBroker` service. Generated proto
 //! types live here and nowhere else; `convert` turns them into domain types and back, and
-//! `status` is the one place that maps broker errors to gRPC statuses.
+//! `status` is the one place that maps broker errors to gRPC statuses. `auth` admits callers
+//! (who, which RPCs) and `limits` holds their rate limits.
 
+pub mod auth;
 pub mod convert;
+pub mod limits;
 pub mod service;
 pub mod status;
 
