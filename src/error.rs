@@ -48,6 +48,15 @@ pub enum BrokerError {
         message: String,
     },
 
+    /// The API needs an identity assurance level the user's account does not have: no sign-in
+    /// can fix this, only the user's Registration Authority.
+    #[error("this task needs a higher level of identity checks than the user's account has")]
+    IdentityAssuranceInsufficient {
+        api: String,
+        required_ial: u8,
+        message: String,
+    },
+
     /// APIM or CIS2 refused with a 4xx that the user or configuration must fix.
     #[error("{upstream} refused the request: {error}")]
     UpstreamRejected {

@@ -62,6 +62,24 @@ impl From<BrokerError> for Status {
                     Some(metadata),
                 );
             }
+            BrokerError::IdentityAssuranceInsufficient {
+                api,
+                required_ial,
+                message: for_clinician,
+            } => {
+                details.set_localized_message("en-GB", for_clinician);
+                let metadata = HashMap::from([
+                    ("api".to_owned(), api),
+                    ("required_ial".to_owned(), required_ial.to_string()),
+                ]);
+                return with_info(
+                    Code::PermissionDenied,
+                    "IDENTITY_ASSURANCE_INSUFFICIENT",
+                    message,
+                    details,
+                    Some(metadata),
+                );
+            }
             BrokerError::UpstreamRejected {
                 upstream,
                 error,
@@ -179,6 +197,15 @@ mod tests {
                 },
                 Code::FailedPrecondition,
                 "UPSTREAM_REJECTED",
+            ),
+            (
+                BrokerError::IdentityAssuranceInsufficient {
+                    api: "ers".into(),
+                    required_ial: 3,
+                    message: "m".into(),
+                },
+                Code::PermissionDenied,
+                "IDENTITY_ASSURANCE_INSUFFICIENT",
             ),
             (
                 BrokerError::RateLimited {
