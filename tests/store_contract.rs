@@ -98,8 +98,8 @@ impl Backend {
         }
     }
 
-    /// Writes the session's token cache key the way the token cache will. Returns false for a
-    /// backend that keeps no token cache (memory), where there is nothing to plant.
+    /// Writes the session's token cache key behind the store's back (Redis), to check that
+    /// `delete_session` removes a cache whoever wrote it. False for the memory store.
     async fn plant_token_cache(&self, id: &SessionId) -> bool {
         match self {
             Backend::Memory { .. } => false,
@@ -126,7 +126,11 @@ impl Backend {
 
     async fn token_cache_exists(&self, id: &SessionId) -> bool {
         match self {
-            Backend::Memory { .. } => false,
+            Backend::Memory { store, .. } => store
+                .get_token(id, "pds")
+                .await
+                .expect("the memory store always answers")
+                .is_some(),
             Backend::Redis { raw, prefix, .. } => {
                 let mut raw = raw.clone();
                 redis::cmd("EXISTS")
@@ -360,12 +364,13 @@ mod cases {
         let store = b.store();
         let id = new_session_id();
         assert!(store.create_session(&id, b"s", LONG).await.unwrap());
-        if b.plant_token_cache(&id).await {
-            assert!(
-                b.token_cache_exists(&id).await,
-                "the token cache was planted"
-            );
+        if !b.plant_token_cache(&id).await {
+            assert!(store.put_token(&id, "pds", b"t", LONG).await.unwrap());
         }
+        assert!(
+            b.token_cache_exists(&id).await,
+            "the token cache was written"
+        );
         assert!(store.delete_session(&id).await.unwrap());
         assert_eq!(store.get_session(&id).await.unwrap(), None);
         assert!(!b.token_cache_exists(&id).await, "the token cache went too");
@@ -421,6 +426,255 @@ mod cases {
     pub async fn ping_answers(b: &Backend) {
         b.store().ping().await.unwrap();
     }
+
+    pub async fn tokens_are_read_with_their_session(b: &Backend) {
+        let store = b.store();
+        let id = new_session_id();
+        assert_eq!(store.get_session_with_tokens(&id).await.unwrap(), None);
+
+        assert!(store.create_session(&id, b"record", LONG).await.unwrap());
+        let (session, tokens) = store
+            .get_session_with_tokens(&id)
+            .await
+            .unwrap()
+            .expect("just created");
+        assert_eq!(session.sealed, b"record");
+        assert!(
+            session.ttl > Duration::ZERO && session.ttl <= LONG,
+            "{:?}",
+            session.ttl
+        );
+        assert!(tokens.is_empty(), "no token yet: {tokens:?}");
+
+        assert!(store.put_token(&id, "aal2:g0", b"two", LONG).await.unwrap());
+        assert!(
+            store
+                .put_token(&id, "aal3:g1", b"three", LONG)
+                .await
+                .unwrap()
+        );
+        let (session, mut tokens) = store
+            .get_session_with_tokens(&id)
+            .await
+            .unwrap()
+            .expect("still there");
+        assert_eq!(session.sealed, b"record");
+        tokens.sort();
+        assert_eq!(
+            tokens,
+            vec![
+                ("aal2:g0".to_owned(), b"two".to_vec()),
+                ("aal3:g1".to_owned(), b"three".to_vec()),
+            ]
+        );
+    }
+
+    pub async fn a_token_is_stored_only_for_a_live_session(b: &Backend) {
+        let store = b.store();
+        let unknown = new_session_id();
+        assert!(
+            !store.put_token(&unknown, "f", b"t", LONG).await.unwrap(),
+            "no session, no token"
+        );
+        assert_eq!(store.get_token(&unknown, "f").await.unwrap(), None);
+
+        let revoked = new_session_id();
+        assert!(store.create_session(&revoked, b"s", LONG).await.unwrap());
+        assert!(store.delete_session(&revoked).await.unwrap());
+        assert!(
+            !store.put_token(&revoked, "f", b"t", LONG).await.unwrap(),
+            "a revoked session never regains tokens"
+        );
+        assert_eq!(store.get_token(&revoked, "f").await.unwrap(), None);
+        assert!(!b.token_cache_exists(&revoked).await);
+
+        let expired = new_session_id();
+        let short = Duration::from_millis(150);
+        assert!(store.create_session(&expired, b"s", short).await.unwrap());
+        b.let_time_pass(Duration::from_millis(500)).await;
+        assert!(!store.put_token(&expired, "f", b"t", LONG).await.unwrap());
+        assert_eq!(store.get_token(&expired, "f").await.unwrap(), None);
+    }
+
+    pub async fn a_token_field_is_replaced_and_the_others_kept(b: &Backend) {
+        let store = b.store();
+        let id = new_session_id();
+        assert!(store.create_session(&id, b"s", LONG).await.unwrap());
+        let binary: Vec<u8> = (0..=255u8).rev().collect();
+        assert!(store.put_token(&id, "a", b"first", LONG).await.unwrap());
+        assert!(store.put_token(&id, "b", &binary, LONG).await.unwrap());
+        assert!(store.put_token(&id, "a", b"second", LONG).await.unwrap());
+        assert_eq!(
+            store.get_token(&id, "a").await.unwrap().as_deref(),
+            Some(&b"second"[..])
+        );
+        assert_eq!(store.get_token(&id, "b").await.unwrap(), Some(binary));
+        assert_eq!(store.get_token(&id, "c").await.unwrap(), None);
+    }
+
+    pub async fn deleting_tokens_keeps_the_session(b: &Backend) {
+        let store = b.store();
+        let id = new_session_id();
+        assert!(store.create_session(&id, b"s", LONG).await.unwrap());
+        assert!(store.put_token(&id, "a", b"t", LONG).await.unwrap());
+        assert!(store.put_token(&id, "b", b"t", LONG).await.unwrap());
+        store.delete_tokens(&id).await.unwrap();
+        let (session, tokens) = store
+            .get_session_with_tokens(&id)
+            .await
+            .unwrap()
+            .expect("the session stays");
+        assert_eq!(session.sealed, b"s");
+        assert!(tokens.is_empty(), "{tokens:?}");
+        store
+            .delete_tokens(&new_session_id())
+            .await
+            .expect("deleting what is not there is fine");
+        assert!(
+            store.put_token(&id, "a", b"again", LONG).await.unwrap(),
+            "the cache can be refilled"
+        );
+    }
+
+    pub async fn the_token_cache_slides_with_its_session(b: &Backend) {
+        let store = b.store();
+        let id = new_session_id();
+        let short = Duration::from_millis(300);
+        assert!(store.create_session(&id, b"s", short).await.unwrap());
+        assert!(store.put_token(&id, "f", b"t", short).await.unwrap());
+        assert!(store.touch_session(&id, LONG).await.unwrap());
+        b.let_time_pass(Duration::from_millis(600)).await;
+        let (_, tokens) = store
+            .get_session_with_tokens(&id)
+            .await
+            .unwrap()
+            .expect("touched");
+        assert_eq!(tokens, vec![("f".to_owned(), b"t".to_vec())]);
+    }
+
+    pub async fn the_token_cache_lives_as_long_as_its_session(b: &Backend) {
+        let store = b.store();
+        let id = new_session_id();
+        assert!(store.create_session(&id, b"s", LONG).await.unwrap());
+        assert!(
+            store
+                .put_token(&id, "f", b"t", Duration::from_millis(100))
+                .await
+                .unwrap()
+        );
+        b.let_time_pass(Duration::from_millis(400)).await;
+        assert_eq!(
+            store.get_token(&id, "f").await.unwrap().as_deref(),
+            Some(&b"t"[..]),
+            "a short TTL never makes the cache die before its session"
+        );
+    }
+
+    pub async fn the_token_cache_expires_with_its_session(b: &Backend) {
+        let store = b.store();
+        let id = new_session_id();
+        let short = Duration::from_millis(150);
+        assert!(store.create_session(&id, b"s", short).await.unwrap());
+        assert!(store.put_token(&id, "f", b"t", short).await.unwrap());
+        b.let_time_pass(Duration::from_millis(500)).await;
+        assert_eq!(store.get_token(&id, "f").await.unwrap(), None);
+        assert_eq!(store.get_session_with_tokens(&id).await.unwrap(), None);
+    }
+
+    pub async fn a_lock_has_one_owner(b: &Backend) {
+        let store = b.store();
+        let id = new_session_id();
+        assert!(!store.lock_held(&id, "tok").await.unwrap());
+        assert!(store.acquire_lock(&id, "tok", "alice", LONG).await.unwrap());
+        assert!(store.lock_held(&id, "tok").await.unwrap());
+        assert!(
+            !store.acquire_lock(&id, "tok", "bob", LONG).await.unwrap(),
+            "held"
+        );
+        assert!(
+            !store.acquire_lock(&id, "tok", "alice", LONG).await.unwrap(),
+            "not re-entrant"
+        );
+        assert!(!store.renew_lock(&id, "tok", "bob", LONG).await.unwrap());
+        assert!(store.renew_lock(&id, "tok", "alice", LONG).await.unwrap());
+        assert!(
+            !store.release_lock(&id, "tok", "bob").await.unwrap(),
+            "only the owner releases"
+        );
+        assert!(store.lock_held(&id, "tok").await.unwrap());
+        assert!(store.release_lock(&id, "tok", "alice").await.unwrap());
+        assert!(!store.lock_held(&id, "tok").await.unwrap());
+        assert!(!store.release_lock(&id, "tok", "alice").await.unwrap());
+        assert!(!store.renew_lock(&id, "tok", "alice", LONG).await.unwrap());
+        assert!(store.acquire_lock(&id, "tok", "bob", LONG).await.unwrap());
+    }
+
+    pub async fn locks_are_per_session_and_name(b: &Backend) {
+        let store = b.store();
+        let (one, two) = (new_session_id(), new_session_id());
+        assert!(store.acquire_lock(&one, "a", "x", LONG).await.unwrap());
+        assert!(store.acquire_lock(&one, "b", "x", LONG).await.unwrap());
+        assert!(store.acquire_lock(&two, "a", "x", LONG).await.unwrap());
+        assert!(store.release_lock(&one, "a", "x").await.unwrap());
+        assert!(store.lock_held(&one, "b").await.unwrap());
+        assert!(store.lock_held(&two, "a").await.unwrap());
+    }
+
+    pub async fn a_lease_runs_out_unless_renewed(b: &Backend) {
+        let store = b.store();
+        let id = new_session_id();
+        // Wide margins: on Redis these are real sleeps, which a busy machine stretches.
+        let lease = Duration::from_millis(800);
+        assert!(
+            store
+                .acquire_lock(&id, "tok", "alice", lease)
+                .await
+                .unwrap()
+        );
+        b.let_time_pass(Duration::from_millis(500)).await;
+        assert!(store.renew_lock(&id, "tok", "alice", lease).await.unwrap());
+        b.let_time_pass(Duration::from_millis(500)).await;
+        assert!(
+            store.lock_held(&id, "tok").await.unwrap(),
+            "the renewal moved the lease"
+        );
+        b.let_time_pass(Duration::from_millis(900)).await;
+        assert!(!store.lock_held(&id, "tok").await.unwrap());
+        assert!(
+            !store.renew_lock(&id, "tok", "alice", lease).await.unwrap(),
+            "an expired lease cannot be renewed"
+        );
+        assert!(store.acquire_lock(&id, "tok", "bob", LONG).await.unwrap());
+        assert!(
+            !store.release_lock(&id, "tok", "alice").await.unwrap(),
+            "a late holder cannot release its successor's lock"
+        );
+        assert!(store.lock_held(&id, "tok").await.unwrap());
+    }
+
+    pub async fn concurrent_lockers_get_one_lock(b: &Backend) {
+        let store = b.store();
+        let id = new_session_id();
+        let start = Arc::new(tokio::sync::Barrier::new(50));
+        let lockers: Vec<_> = (0..50)
+            .map(|n| {
+                let (store, id, start) = (store.clone(), id.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    store
+                        .acquire_lock(&id, "tok", &format!("owner-{n}"), LONG)
+                        .await
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for locker in lockers {
+            if locker.await.expect("a locker task does not panic").unwrap() {
+                winners += 1;
+            }
+        }
+        assert_eq!(winners, 1, "exactly one locker wins");
+    }
 }
 
 /// Runs every listed case against both stores. The multi-threaded runtime makes the concurrent
@@ -463,6 +717,17 @@ contract!(
     delete_removes_the_record_and_its_tokens,
     binary_values_round_trip,
     ping_answers,
+    tokens_are_read_with_their_session,
+    a_token_is_stored_only_for_a_live_session,
+    a_token_field_is_replaced_and_the_others_kept,
+    deleting_tokens_keeps_the_session,
+    the_token_cache_slides_with_its_session,
+    the_token_cache_lives_as_long_as_its_session,
+    the_token_cache_expires_with_its_session,
+    a_lock_has_one_owner,
+    locks_are_per_session_and_name,
+    a_lease_runs_out_unless_renewed,
+    concurrent_lockers_get_one_lock,
 );
 
 /// What only the Redis store has: a key layout, a URL, and a network that fails.
@@ -535,6 +800,18 @@ mod redis_only {
         expect_unavailable("touch_session", store.touch_session(&id, ttl)).await;
         expect_unavailable("delete_session", store.delete_session(&id)).await;
         expect_unavailable("ping", store.ping()).await;
+        expect_unavailable(
+            "get_session_with_tokens",
+            store.get_session_with_tokens(&id),
+        )
+        .await;
+        expect_unavailable("put_token", store.put_token(&id, "f", b"v", ttl)).await;
+        expect_unavailable("get_token", store.get_token(&id, "f")).await;
+        expect_unavailable("delete_tokens", store.delete_tokens(&id)).await;
+        expect_unavailable("acquire_lock", store.acquire_lock(&id, "l", "o", ttl)).await;
+        expect_unavailable("renew_lock", store.renew_lock(&id, "l", "o", ttl)).await;
+        expect_unavailable("release_lock", store.release_lock(&id, "l", "o")).await;
+        expect_unavailable("lock_held", store.lock_held(&id, "l")).await;
     }
 
     #[tokio::test]
@@ -740,6 +1017,45 @@ mod redis_only {
             .await
             .expect("GET on the test Redis succeeds");
         assert_eq!(value, b"s", "the store writes the sealed bytes as they are");
+
+        assert!(
+            store
+                .put_token(&id, "aal2:g0", b"sealed", Duration::from_secs(1))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .acquire_lock(&id, "aal2:g0", "owner-1", Duration::from_secs(5))
+                .await
+                .unwrap()
+        );
+        let tokens = format!("{prefix}s:{{{}}}:tokens", id.as_str());
+        let lock = format!("{prefix}s:{{{}}}:lock:aal2:g0", id.as_str());
+        let field: Vec<u8> = redis::cmd("HGET")
+            .arg(&tokens)
+            .arg("aal2:g0")
+            .query_async(&mut raw)
+            .await
+            .expect("HGET on the test Redis succeeds");
+        assert_eq!(field, b"sealed");
+        let owner: String = redis::cmd("GET")
+            .arg(&lock)
+            .query_async(&mut raw)
+            .await
+            .expect("GET on the test Redis succeeds");
+        assert_eq!(owner, "owner-1");
+        for (name, low, high) in [(&tokens, 1_000, 60_000), (&lock, 1, 5_000)] {
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(name)
+                .query_async(&mut raw)
+                .await
+                .expect("PTTL on the test Redis succeeds");
+            assert!(
+                pttl >= low && pttl <= high,
+                "{name}: PTTL {pttl}, the cache lives as long as the record"
+            );
+        }
         backend.cleanup().await;
     }
 

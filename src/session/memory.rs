@@ -1,7 +1,7 @@
 //! An in-process [`SessionStore`] for dev mode and tests.
 //!
-//! Expiry is judged against the injected [`Clock`], so a test can move time with
-//! `clock::ManualClock` instead of sleeping. Expired entries behave as absent at once; they are
+//! Expiry (of sessions, token caches and lock leases) is judged against the injected [`Clock`],
+//! so a test can move time with `clock::ManualClock` instead of sleeping. Expired entries behave as absent at once; they are
 //! removed when next touched, and a sweep every [`SWEEP_EVERY`] writes drops the ones nobody
 //! touches again, so memory does not grow without bound.
 //!
@@ -35,7 +35,32 @@ pub struct MemoryStore {
 struct State {
     logins: HashMap<LoginKey, Entry>,
     sessions: HashMap<SessionId, Entry>,
+    tokens: HashMap<SessionId, TokenCache>,
+    locks: HashMap<(SessionId, String), Lock>,
     writes_since_sweep: u32,
+}
+
+/// A session's token cache: like the Redis hash, one expiry for all its fields.
+struct TokenCache {
+    fields: HashMap<String, Vec<u8>>,
+    expires_at: SystemTime,
+}
+
+impl TokenCache {
+    fn is_live(&self, now: SystemTime) -> bool {
+        now < self.expires_at
+    }
+}
+
+struct Lock {
+    owner: String,
+    expires_at: SystemTime,
+}
+
+impl Lock {
+    fn is_live(&self, now: SystemTime) -> bool {
+        now < self.expires_at
+    }
 }
 
 struct Entry {
@@ -119,8 +144,30 @@ impl State {
     fn sweep(&mut self, now: SystemTime) {
         self.logins.retain(|_, e| e.is_live(now));
         self.sessions.retain(|_, e| e.is_live(now));
+        self.tokens.retain(|_, c| c.is_live(now));
+        self.locks.retain(|_, l| l.is_live(now));
         self.writes_since_sweep = 0;
     }
+
+    /// The session's live token cache, dropping it first if it has expired.
+    fn live_tokens(&mut self, id: &SessionId, now: SystemTime) -> Option<&mut TokenCache> {
+        if self.tokens.get(id).is_some_and(|c| !c.is_live(now)) {
+            self.tokens.remove(id);
+        }
+        self.tokens.get_mut(id)
+    }
+
+    /// The live lock under `key`, dropping it first if its lease has run out.
+    fn live_lock(&mut self, key: &(SessionId, String), now: SystemTime) -> Option<&mut Lock> {
+        if self.locks.get(key).is_some_and(|l| !l.is_live(now)) {
+            self.locks.remove(key);
+        }
+        self.locks.get_mut(key)
+    }
+}
+
+fn lock_key(id: &SessionId, name: &str) -> (SessionId, String) {
+    (id.clone(), name.to_owned())
 }
 
 impl MemoryStore {
@@ -152,6 +199,8 @@ impl fmt::Debug for MemoryStore {
         f.debug_struct("MemoryStore")
             .field("pending_logins", &state.logins.len())
             .field("sessions", &state.sessions.len())
+            .field("token_caches", &state.tokens.len())
+            .field("locks", &state.locks.len())
             .finish_non_exhaustive()
     }
 }
@@ -231,23 +280,155 @@ impl SessionStore for MemoryStore {
     }
 
     async fn touch_session(&self, id: &SessionId, ttl: Duration) -> Result<bool, StoreError> {
-        Ok(self.with_state(
-            |state, now| match live_entry(&mut state.sessions, id, now) {
-                Some(entry) => {
-                    entry.expires_at = deadline(now, ttl);
-                    true
-                }
-                None => false,
-            },
-        ))
+        Ok(self.with_state(|state, now| {
+            let Some(entry) = live_entry(&mut state.sessions, id, now) else {
+                return false;
+            };
+            entry.expires_at = deadline(now, ttl);
+            if let Some(cache) = state.live_tokens(id, now) {
+                cache.expires_at = deadline(now, ttl);
+            }
+            true
+        }))
     }
 
     async fn delete_session(&self, id: &SessionId) -> Result<bool, StoreError> {
-        Ok(self.with_state(|state, now| state.sessions.remove(id).is_some_and(|e| e.is_live(now))))
+        Ok(self.with_state(|state, now| {
+            state.tokens.remove(id);
+            state.sessions.remove(id).is_some_and(|e| e.is_live(now))
+        }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn get_session_with_tokens(
+        &self,
+        id: &SessionId,
+    ) -> Result<Option<(StoredSession, Vec<(String, Vec<u8>)>)>, StoreError> {
+        Ok(self.with_state(|state, now| {
+            let session = live_entry(&mut state.sessions, id, now).map(|e| StoredSession {
+                sealed: e.value.clone(),
+                ttl: e.remaining(now),
+            })?;
+            let mut fields: Vec<(String, Vec<u8>)> = state
+                .live_tokens(id, now)
+                .map(|c| {
+                    c.fields
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            fields.sort();
+            Some((session, fields))
+        }))
+    }
+
+    async fn put_token(
+        &self,
+        id: &SessionId,
+        field: &str,
+        sealed: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with_state(|state, now| {
+            let Some(record) = live_entry(&mut state.sessions, id, now) else {
+                return false;
+            };
+            // As in Redis: the cache lives `ttl`, but never less than its session.
+            let expires_at = deadline(now, ttl).max(record.expires_at);
+            match state.live_tokens(id, now) {
+                Some(cache) => {
+                    cache.fields.insert(field.to_owned(), sealed.to_vec());
+                    cache.expires_at = expires_at;
+                }
+                None => {
+                    let fields = HashMap::from([(field.to_owned(), sealed.to_vec())]);
+                    state
+                        .tokens
+                        .insert(id.clone(), TokenCache { fields, expires_at });
+                }
+            }
+            state.note_write(now);
+            true
+        }))
+    }
+
+    async fn get_token(&self, id: &SessionId, field: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.with_state(|state, now| {
+            state
+                .live_tokens(id, now)
+                .and_then(|c| c.fields.get(field).cloned())
+        }))
+    }
+
+    async fn delete_tokens(&self, id: &SessionId) -> Result<(), StoreError> {
+        self.with_state(|state, _| state.tokens.remove(id));
+        Ok(())
+    }
+
+    async fn acquire_lock(
+        &self,
+        id: &SessionId,
+        name: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with_state(|state, now| {
+            let key = lock_key(id, name);
+            if state.live_lock(&key, now).is_some() {
+                return false;
+            }
+            let lock = Lock {
+                owner: owner.to_owned(),
+                expires_at: deadline(now, lease),
+            };
+            state.locks.insert(key, lock);
+            state.note_write(now);
+            true
+        }))
+    }
+
+    async fn renew_lock(
+        &self,
+        id: &SessionId,
+        name: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with_state(
+            |state, now| match state.live_lock(&lock_key(id, name), now) {
+                Some(lock) if lock.owner == owner => {
+                    lock.expires_at = deadline(now, lease);
+                    true
+                }
+                _ => false,
+            },
+        ))
+    }
+
+    async fn release_lock(
+        &self,
+        id: &SessionId,
+        name: &str,
+        owner: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with_state(|state, now| {
+            let key = lock_key(id, name);
+            let held = state
+                .live_lock(&key, now)
+                .is_some_and(|lock| lock.owner == owner);
+            if held {
+                state.locks.remove(&key);
+            }
+            held
+        }))
+    }
+
+    async fn lock_held(&self, id: &SessionId, name: &str) -> Result<bool, StoreError> {
+        Ok(self.with_state(|state, now| state.live_lock(&lock_key(id, name), now).is_some()))
     }
 }
 

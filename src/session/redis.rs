@@ -9,11 +9,12 @@
 //! |---|---|---|
 //! | `{prefix}login:<login-key>` | string | a sealed pending sign-in; TTL = the sign-in window |
 //! | `{prefix}s:{<session-id>}` | string | a sealed session record; TTL = the idle deadline |
-//! | `{prefix}s:{<session-id>}:tokens` | hash | the session's sealed API token cache (written by the token cache) |
+//! | `{prefix}s:{<session-id>}:tokens` | hash | the session's sealed API token cache; TTL = at least the record's |
+//! | `{prefix}s:{<session-id>}:lock:<name>` | string | a lock's owner (a random value); TTL = its lease |
 //!
 //! The braces around the session id are a Redis Cluster hash tag: every key of one session hashes
 //! to the same slot, so a multi-key command such as the one `DEL` of [`SessionStore::delete_session`]
-//! works in Cluster too. The prefix must therefore not contain `{` or `}`, or it would become the
+//! and the Lua scripts of the token cache and locks work in Cluster too. The prefix must therefore not contain `{` or `}`, or it would become the
 //! tag and put every session in one slot; [`RedisStore::new`] refuses such a prefix.
 //!
 //! Login keys and session ids are hashes (see `session::token`): no key names a token.
@@ -33,11 +34,54 @@
 use super::store::{SessionStore, StoreError, StoredSession};
 use super::token::{LoginKey, SessionId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError, Value};
+use redis::{Client, RedisError, Script, Value};
 use std::fmt;
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+/// `put_token`: KEYS = record, token cache; ARGV = field, value, TTL in ms. In a script so that
+/// "the session still exists" and the write are one step: a session deleted in between never
+/// regains a cache. The cache lives at least as long as the record, so a token is not lost while
+/// its session lives.
+static PUT_TOKEN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+        redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+        local ttl = tonumber(ARGV[3])
+        local left = redis.call('PTTL', KEYS[1])
+        if left > ttl then ttl = left end
+        redis.call('PEXPIRE', KEYS[2], ttl)
+        return 1
+        ",
+    )
+});
+
+/// `renew_lock`: KEYS = lock; ARGV = owner, lease in ms. Compare and extend in one step, so a
+/// holder whose lease ran out cannot extend its successor's.
+static RENEW_LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        if redis.call('GET', KEYS[1]) == ARGV[1] then
+            return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+        end
+        return 0
+        ",
+    )
+});
+
+/// `release_lock`: KEYS = lock; ARGV = owner. Compare and delete in one step, for the same reason.
+static RELEASE_LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        if redis.call('GET', KEYS[1]) == ARGV[1] then
+            return redis.call('DEL', KEYS[1])
+        end
+        return 0
+        ",
+    )
+});
 
 /// How to reach Redis. `url` is `redis://` or `rediss://` (TLS) and may carry `user:password@`.
 #[derive(Clone)]
@@ -271,13 +315,22 @@ impl SessionStore for RedisStore {
     }
 
     async fn touch_session(&self, id: &SessionId, ttl: Duration) -> Result<bool, StoreError> {
-        let mut cmd = redis::cmd("PEXPIRE");
-        cmd.arg(session_key(&self.key_prefix, id))
-            .arg(ttl_millis(ttl));
-        self.run("touch_session", |mut conn| async move {
-            cmd.query_async(&mut conn).await
-        })
-        .await
+        let mut pipe = redis::pipe();
+        // The token cache slides with its session; PEXPIRE never creates either key.
+        pipe.atomic()
+            .cmd("PEXPIRE")
+            .arg(session_key(&self.key_prefix, id))
+            .arg(ttl_millis(ttl))
+            .cmd("PEXPIRE")
+            .arg(token_cache_key(&self.key_prefix, id))
+            .arg(ttl_millis(ttl))
+            .ignore();
+        let (touched,): (bool,) = self
+            .run("touch_session", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        Ok(touched)
     }
 
     async fn delete_session(&self, id: &SessionId) -> Result<bool, StoreError> {
@@ -313,6 +366,159 @@ impl SessionStore for RedisStore {
             _ => Err(unexpected_reply("ping", kind_of(&reply))),
         }
     }
+
+    async fn get_session_with_tokens(
+        &self,
+        id: &SessionId,
+    ) -> Result<Option<(StoredSession, Vec<(String, Vec<u8>)>)>, StoreError> {
+        let record = session_key(&self.key_prefix, id);
+        let tokens = token_cache_key(&self.key_prefix, id);
+        let mut pipe = redis::pipe();
+        // One MULTI/EXEC: a cache hit costs the same single round trip as `get_session`.
+        pipe.atomic()
+            .cmd("GET")
+            .arg(&record)
+            .cmd("PTTL")
+            .arg(&record)
+            .cmd("HGETALL")
+            .arg(&tokens);
+        let (sealed, pttl, fields): (Option<Vec<u8>>, i64, Vec<(Vec<u8>, Vec<u8>)>) = self
+            .run("get_session_with_tokens", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        Ok(sealed.map(|sealed| {
+            let session = StoredSession {
+                sealed,
+                ttl: ttl_from_pttl(pttl),
+            };
+            (session, utf8_fields(fields))
+        }))
+    }
+
+    async fn put_token(
+        &self,
+        id: &SessionId,
+        field: &str,
+        sealed: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let record = session_key(&self.key_prefix, id);
+        let tokens = token_cache_key(&self.key_prefix, id);
+        let ttl = ttl_millis(ttl);
+        let wrote: i64 = self
+            .run("put_token", |mut conn| async move {
+                PUT_TOKEN
+                    .key(record)
+                    .key(tokens)
+                    .arg(field)
+                    .arg(sealed)
+                    .arg(ttl)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(wrote == 1)
+    }
+
+    async fn get_token(&self, id: &SessionId, field: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(token_cache_key(&self.key_prefix, id)).arg(field);
+        self.run("get_token", |mut conn| async move {
+            cmd.query_async(&mut conn).await
+        })
+        .await
+    }
+
+    async fn delete_tokens(&self, id: &SessionId) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(token_cache_key(&self.key_prefix, id));
+        let _deleted: i64 = self
+            .run("delete_tokens", |mut conn| async move {
+                cmd.query_async(&mut conn).await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn acquire_lock(
+        &self,
+        id: &SessionId,
+        name: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let key = lock_key(&self.key_prefix, id, name);
+        self.set(
+            "acquire_lock",
+            key,
+            owner.as_bytes(),
+            lease,
+            SetCondition::IfAbsent,
+        )
+        .await
+    }
+
+    async fn renew_lock(
+        &self,
+        id: &SessionId,
+        name: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let key = lock_key(&self.key_prefix, id, name);
+        let lease = ttl_millis(lease);
+        let renewed: i64 = self
+            .run("renew_lock", |mut conn| async move {
+                RENEW_LOCK
+                    .key(key)
+                    .arg(owner)
+                    .arg(lease)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    async fn release_lock(
+        &self,
+        id: &SessionId,
+        name: &str,
+        owner: &str,
+    ) -> Result<bool, StoreError> {
+        let key = lock_key(&self.key_prefix, id, name);
+        let released: i64 = self
+            .run("release_lock", |mut conn| async move {
+                RELEASE_LOCK
+                    .key(key)
+                    .arg(owner)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(released == 1)
+    }
+
+    async fn lock_held(&self, id: &SessionId, name: &str) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(lock_key(&self.key_prefix, id, name));
+        self.run("lock_held", |mut conn| async move {
+            cmd.query_async(&mut conn).await
+        })
+        .await
+    }
+}
+
+/// Cache field names as text. The broker writes only ASCII names; anything else was not written
+/// by it and is left out rather than guessed at.
+fn utf8_fields(fields: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+    let mut fields: Vec<(String, Vec<u8>)> = fields
+        .into_iter()
+        .filter_map(|(name, value)| String::from_utf8(name).ok().map(|name| (name, value)))
+        .collect();
+    fields.sort();
+    fields
 }
 
 /// The connection in use, numbered so that a caller who saw it time out forgets that one and not
@@ -376,6 +582,10 @@ fn session_key(prefix: &str, id: &SessionId) -> String {
 
 fn token_cache_key(prefix: &str, id: &SessionId) -> String {
     format!("{}:tokens", session_key(prefix, id))
+}
+
+fn lock_key(prefix: &str, id: &SessionId, name: &str) -> String {
+    format!("{}:lock:{name}", session_key(prefix, id))
 }
 
 /// Milliseconds for `PX`/`PEXPIRE`: at least 1 (Redis refuses 0), saturating rather than

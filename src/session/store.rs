@@ -66,8 +66,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Reads a session in one round trip. `None` when unknown or expired.
     async fn get_session(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError>;
 
-    /// Moves an existing session's expiry to `ttl` from now (sliding idle timeout). Returns false
-    /// when the session no longer exists; never creates one.
+    /// Moves an existing session's expiry, and its token cache's, to `ttl` from now (sliding idle
+    /// timeout). Returns false when the session no longer exists; never creates one.
     async fn touch_session(&self, id: &SessionId, ttl: Duration) -> Result<bool, StoreError>;
 
     /// Deletes a session and everything kept for it. Returns whether it existed.
@@ -75,4 +75,70 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // ---- the session's API token cache --------------------------------------------------------
+    //
+    // A hash of sealed values per session, read together with the session record so that a
+    // cache hit costs no more round trips than reading the session alone. It is deleted with the
+    // session and never outlives the record by being written after it is gone.
+
+    /// Reads a session and every field of its token cache in one round trip, so both describe
+    /// the same moment. `None` when the session is unknown or expired (whatever the cache holds).
+    async fn get_session_with_tokens(
+        &self,
+        id: &SessionId,
+    ) -> Result<Option<(StoredSession, Vec<(String, Vec<u8>)>)>, StoreError>;
+
+    /// Sets one field of the session's token cache, atomically and only if the session record
+    /// still exists: returns false (and writes nothing) otherwise, so a revoked session never
+    /// regains tokens. The cache then lives at least `ttl`, and never less than the record.
+    async fn put_token(
+        &self,
+        id: &SessionId,
+        field: &str,
+        sealed: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// One field of the session's token cache.
+    async fn get_token(&self, id: &SessionId, field: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Drops the session's whole token cache (step-up, back-channel logout); the session stays.
+    async fn delete_tokens(&self, id: &SessionId) -> Result<(), StoreError>;
+
+    // ---- per-session locks --------------------------------------------------------------------
+    //
+    // A lease-based lock shared by every replica, so that one of them fetches a session's token
+    // while the others wait. `owner` is a random value the holder chose: only it renews or
+    // releases the lock, so a holder whose lease ran out cannot release its successor's.
+
+    /// Takes the lock `name` of the session for `lease`. False when someone holds it.
+    async fn acquire_lock(
+        &self,
+        id: &SessionId,
+        name: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Extends the lease to `lease` from now if `owner` still holds the lock. False when it does
+    /// not (the lease ran out, and perhaps someone else holds it now).
+    async fn renew_lock(
+        &self,
+        id: &SessionId,
+        name: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Releases the lock if `owner` holds it. Returns whether it did.
+    async fn release_lock(
+        &self,
+        id: &SessionId,
+        name: &str,
+        owner: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Whether anyone holds the lock: lets a waiter notice that a holder gave up.
+    async fn lock_held(&self, id: &SessionId, name: &str) -> Result<bool, StoreError>;
 }
