@@ -1,5 +1,5 @@
-//! The HTTP port: liveness and readiness, the broker's public JWKS, and (dev mode only) the
-//! walk-through pages. Back-channel logout and metrics join it later.
+//! The HTTP port: liveness and readiness, Prometheus metrics, the broker's public JWKS, and (dev
+//! mode only) the walk-through pages. Back-channel logout joins it later.
 
 pub mod dev;
 
@@ -14,6 +14,7 @@ pub fn router(app: App) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/.well-known/jwks.json", get(jwks));
     if let Some(dev) = app.dev.clone() {
         router = router.merge(dev::router(dev, app.broker.clone()));
@@ -37,6 +38,15 @@ async fn readyz(State(app): State<App>) -> Response {
         )
             .into_response()
     }
+}
+
+/// Prometheus scrapes this. Counts and latencies only: no label names a user or a session.
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::render(),
+    )
+        .into_response()
 }
 
 /// The public half of the broker's signing keys: what APIM's `jwks-resource-url` and a CIS2

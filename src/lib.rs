@@ -12,6 +12,7 @@
 //! - [`signing`]: the broker's own RS512 keys: client assertions and the public JWKS.
 //! - [`policy`]: which AAL each national API needs, and what to tell a clinician: pure functions.
 //! - [`http`]: the HTTP port: health, the broker's JWKS, and the dev pages.
+//! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, Prometheus metrics.
 //! - [`sim`]: a CIS2 simulator for dev mode and tests. Never started in production.
 //! - [`aal`], [`clock`], [`secret`], [`error`]: small shared vocabulary.
 
@@ -23,6 +24,7 @@ pub mod dev;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod oidc;
 pub mod policy;
 pub mod secret;

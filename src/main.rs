@@ -11,7 +11,7 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "session-broker",
-    version,
+    version = telemetry::VERSION,
     about = "NHS CIS2 session broker: sign-in, AAL and APIM tokens over gRPC"
 )]
 struct Cli {
@@ -90,7 +90,6 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve { config } => {
-            telemetry::init(LogFormat::Json);
             let config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -98,7 +97,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime(async move {
+            runtime(LogFormat::Json, async move {
                 let app = server::build_default(&config)?;
                 let grpc = tokio::net::TcpListener::bind(config.server.grpc_addr).await?;
                 let http = tokio::net::TcpListener::bind(config.server.http_addr).await?;
@@ -110,9 +109,9 @@ fn main() -> ExitCode {
             grpc_addr,
             http_addr,
             sim_addr,
-        } => {
-            telemetry::init(LogFormat::Text);
-            runtime(dev::run(
+        } => runtime(
+            LogFormat::Text,
+            dev::run(
                 dev::DevOptions {
                     grpc_addr,
                     http_addr,
@@ -120,12 +119,17 @@ fn main() -> ExitCode {
                     redis_url: redis,
                 },
                 shutdown_signal(),
-            ))
-        }
+            ),
+        ),
     }
 }
 
-fn runtime(work: impl std::future::Future<Output = Result<(), server::StartupError>>) -> ExitCode {
+/// Runs `work` with logging and tracing installed (inside the runtime: the OTLP exporter needs
+/// it), then flushes the last spans whatever the outcome.
+fn runtime(
+    logs: LogFormat,
+    work: impl std::future::Future<Output = Result<(), server::StartupError>>,
+) -> ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -133,7 +137,13 @@ fn runtime(work: impl std::future::Future<Output = Result<(), server::StartupErr
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(work) {
+    let result = rt.block_on(async {
+        let telemetry = telemetry::init(logs);
+        let result = work.await;
+        telemetry.shutdown().await;
+        result
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("session-broker: {e}");

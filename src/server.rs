@@ -29,6 +29,8 @@ pub struct App {
     pub signing: Option<Arc<SigningKeys>>,
     /// Dev mode only: the `/dev` pages.
     pub dev: Option<Arc<crate::http::dev::DevPages>>,
+    /// How long in-flight calls may run once shutdown begins (`server.shutdown_grace`).
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,7 @@ pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartupError
         broker: Arc::new(broker),
         signing,
         dev: None,
+        shutdown_grace: config.server.shutdown_grace,
     })
 }
 
@@ -154,6 +157,7 @@ pub async fn run(
 
     info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "broker listening");
     let grpc_server = tonic::transport::Server::builder()
+        .layer(crate::telemetry::grpc::GrpcTelemetryLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
@@ -162,7 +166,15 @@ pub async fn run(
         .with_graceful_shutdown(stopped(stop_rx.clone()))
         .into_future();
 
-    let (g, h) = tokio::join!(grpc_server, http_server);
+    let servers = async { tokio::join!(grpc_server, http_server) };
+    let (g, h) = tokio::select! {
+        done = servers => done,
+        () = grace_over(stop_rx.clone(), app.shutdown_grace) => {
+            // Dropping the servers ends the calls still running; Kubernetes would kill us soon.
+            warn!(grace = ?app.shutdown_grace, "shutdown grace period over; ending calls still in flight");
+            (Ok(()), Ok(()))
+        }
+    };
     readiness.abort();
     g.map_err(|e| StartupError::Serve(format!("gRPC: {e}")))?;
     h.map_err(|e| StartupError::Serve(format!("HTTP: {e}")))?;
@@ -173,6 +185,13 @@ pub async fn run(
 async fn stopped(mut rx: watch::Receiver<bool>) {
     // An error means the sender is gone, which also means stop.
     let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Completes `grace` after shutdown begins.
+async fn grace_over(rx: watch::Receiver<bool>, grace: Duration) {
+    stopped(rx).await;
+    info!(grace = ?grace, "shutting down: no new calls; waiting for calls in flight");
+    tokio::time::sleep(grace).await;
 }
 
 /// Whether the broker can do its work: the store answers and CIS2's discovery is loaded.

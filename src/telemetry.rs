@@ -1,7 +1,49 @@
-//! Logging set-up. Level from `RUST_LOG` (default `info`); JSON lines in production, text in
-//! dev mode. Log lines carry fields, never secrets: secrets are `Secret`s and print `[redacted]`.
+//! Logs and OpenTelemetry traces.
+//!
+//! - Logs: level from `RUST_LOG` (default `info`); JSON lines in production, each carrying the
+//!   `trace_id` and `span_id` of the call it belongs to; text in dev mode. Log lines carry fields,
+//!   never secrets: secrets are `Secret`s and print `[redacted]`.
+//! - Traces: the `tracing` spans of this crate become OpenTelemetry spans. They are exported over
+//!   OTLP/gRPC only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set; the other
+//!   standard variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
+//!   `OTEL_TRACES_SAMPLER_ARG`, `OTEL_EXPORTER_OTLP_HEADERS`, `..._TIMEOUT`, `OTEL_SDK_DISABLED`,
+//!   `OTEL_TRACES_EXPORTER=none`) apply as the specification says. Without an exporter, spans
+//!   still exist: a caller's `traceparent` still reaches CIS2 and APIM, and logs still carry ids.
+//! - [`grpc`]: the tower layer giving each RPC its server span and its metrics.
+//! - [`inject_context`] / [`extract_context`]: W3C `traceparent`/`tracestate` on HTTP headers.
 
-use tracing_subscriber::EnvFilter;
+pub mod grpc;
+mod json;
+mod propagation;
+
+pub use propagation::{extract_context, inject_context, inject_span_context};
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// The git revision the binary was built from ("unknown" when built without git).
+pub const GIT_REVISION: &str = env!("SESSION_BROKER_GIT_REVISION");
+
+/// What `session-broker --version` prints after the name.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("SESSION_BROKER_GIT_REVISION"),
+    ")"
+);
+
+/// The service name in traces unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` says
+/// otherwise.
+pub const DEFAULT_SERVICE_NAME: &str = "session-broker";
+
+/// The name this crate's tracer reports as its instrumentation scope.
+const SCOPE: &str = "cis2-session-broker";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -9,14 +51,202 @@ pub enum LogFormat {
     Text,
 }
 
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    // A second init (tests) keeps the first subscriber; that is fine.
+/// The installed trace pipeline. Call [`Telemetry::shutdown`] once the servers have stopped, so
+/// the last spans are exported before the process exits.
+#[must_use = "dropping it without shutdown() may lose the last spans"]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    /// Exports every buffered span and stops the exporter. It blocks on the exporter, so it runs
+    /// on a blocking thread.
+    pub async fn shutdown(self) {
+        let provider = self.provider;
+        let flushed = tokio::task::spawn_blocking(move || {
+            let _ = provider.force_flush();
+            provider.shutdown()
+        })
+        .await;
+        match flushed {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "trace exporter did not shut down cleanly"),
+            Err(error) => tracing::warn!(%error, "trace exporter shutdown panicked"),
+        }
+    }
+
+    /// The tracer provider, e.g. for a test that wants to flush.
+    pub fn provider(&self) -> &SdkTracerProvider {
+        &self.provider
+    }
+}
+
+/// Logging and tracing from the environment. Must run inside the Tokio runtime: the OTLP
+/// exporter's gRPC channel belongs to it.
+pub fn init(format: LogFormat) -> Telemetry {
+    let env = |name: &str| std::env::var(name).ok();
+    let (provider, problem) = provider_from_env(exporter_wanted(env));
+    let telemetry = install(format, provider);
+    if let Some(problem) = problem {
+        tracing::warn!(error = %problem, "traces are not exported");
+    }
+    telemetry
+}
+
+/// Installs logging and tracing with a tracer provider of the caller's: [`init`] passes one
+/// built from the environment; tests pass one with an in-memory exporter. When a global
+/// subscriber is already installed (a second call in one test binary), that one stays.
+pub fn install(format: LogFormat, provider: SdkTracerProvider) -> Telemetry {
+    let tracer = provider.tracer(SCOPE);
+    // Spans are traced at `info` from this crate whatever RUST_LOG says: RUST_LOG picks which
+    // lines are logged, not which calls can be followed across services.
+    let traces = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(Targets::new().with_target("cis2_session_broker", Level::INFO));
+    let logs = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(traces);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .event_format(json::JsonWithTraceIds::new())
+                    .with_filter(logs),
+            )
+            .try_init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_filter(logs),
+            )
+            .try_init(),
     };
+    Telemetry { provider }
+}
+
+/// The provider [`init`] uses, and why it exports nothing when it was asked to.
+fn provider_from_env(export: bool) -> (SdkTracerProvider, Option<String>) {
+    let builder = SdkTracerProvider::builder().with_resource(resource());
+    if !export {
+        return (builder.build(), None);
+    }
+    match opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+    {
+        Ok(exporter) => (builder.with_batch_exporter(exporter).build(), None),
+        Err(error) => (builder.build(), Some(error.to_string())),
+    }
+}
+
+/// Whether to export spans, from the standard variables: an OTLP endpoint is set, the SDK is not
+/// disabled, and `OTEL_TRACES_EXPORTER` (if set) asks for `otlp`.
+fn exporter_wanted(env: impl Fn(&str) -> Option<String>) -> bool {
+    let set = |name: &str| env(name).is_some_and(|v| !v.trim().is_empty());
+    let endpoint = set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let exporter_ok = env("OTEL_TRACES_EXPORTER")
+        .is_none_or(|v| v.split(',').any(|e| e.trim().eq_ignore_ascii_case("otlp")));
+    endpoint && !disabled && exporter_ok
+}
+
+/// `service.name` (from the environment, else [`DEFAULT_SERVICE_NAME`]), `service.version`,
+/// the git revision, and whatever `OTEL_RESOURCE_ATTRIBUTES` adds.
+fn resource() -> Resource {
+    let detected = Resource::builder().build();
+    let named = detected
+        .get(&opentelemetry::Key::new("service.name"))
+        .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
+    let mut builder = Resource::builder().with_attributes([
+        opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        opentelemetry::KeyValue::new("vcs.ref.head.revision", GIT_REVISION),
+    ]);
+    if !named {
+        builder = builder.with_service_name(DEFAULT_SERVICE_NAME);
+    }
+    builder.build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn exports_only_when_an_endpoint_is_set_and_nothing_turns_it_off() {
+        let cases: [(&[(&str, &str)], bool); 10] = [
+            (&[], false),
+            (
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")],
+                true,
+            ),
+            (
+                &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4317")],
+                true,
+            ),
+            (&[("OTEL_EXPORTER_OTLP_ENDPOINT", "  ")], false),
+            (
+                &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                    ("OTEL_SDK_DISABLED", "TRUE"),
+                ],
+                false,
+            ),
+            (
+                &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                    ("OTEL_SDK_DISABLED", "false"),
+                ],
+                true,
+            ),
+            (
+                &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                    ("OTEL_TRACES_EXPORTER", "none"),
+                ],
+                false,
+            ),
+            (
+                &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                    ("OTEL_TRACES_EXPORTER", "console, otlp"),
+                ],
+                true,
+            ),
+            (&[("OTEL_TRACES_EXPORTER", "otlp")], false),
+            (&[("OTEL_SERVICE_NAME", "x")], false),
+        ];
+        for (vars, want) in cases {
+            let map: HashMap<&str, &str> = vars.iter().copied().collect();
+            let got = exporter_wanted(|name| map.get(name).map(|v| (*v).to_owned()));
+            assert_eq!(got, want, "{vars:?}");
+        }
+    }
+
+    #[test]
+    fn the_version_names_the_package_and_the_revision() {
+        assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+        assert!(VERSION.contains(GIT_REVISION));
+        assert!(!GIT_REVISION.is_empty());
+    }
+
+    #[test]
+    fn the_resource_names_the_service_and_its_version() {
+        let resource = resource();
+        let get = |key: &'static str| {
+            resource
+                .get(&opentelemetry::Key::new(key))
+                .map(|v| v.as_str().into_owned())
+        };
+        // The test environment sets no OTEL_SERVICE_NAME: the default applies.
+        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+            assert_eq!(get("service.name").as_deref(), Some(DEFAULT_SERVICE_NAME));
+        }
+        assert_eq!(
+            get("service.version").as_deref(),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(get("vcs.ref.head.revision").as_deref(), Some(GIT_REVISION));
+    }
 }

@@ -1,10 +1,14 @@
 //! One outbound HTTP exchange with CIS2: send, time, log (never a body or a token), read a
-//! bounded body, and turn failures into [`OidcError`]s.
+//! bounded body, and turn failures into [`OidcError`]s. Each exchange is an OpenTelemetry client
+//! span whose `traceparent` travels with the request, and a sample in the upstream metrics.
 
 use super::OidcError;
+use crate::metrics::{self, Upstream};
 use reqwest::{RequestBuilder, StatusCode};
 use serde::Deserialize;
 use std::time::Instant;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 /// No CIS2 answer the broker reads is anywhere near this; a bigger one is refused unread.
 pub(crate) const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -23,9 +27,50 @@ pub(crate) async fn exchange(
     endpoint: &'static str,
     request: RequestBuilder,
 ) -> Result<Answer, OidcError> {
+    let (client, request) = request.build_split();
+    let mut request = request.map_err(|error| {
+        OidcError::Unavailable(format!("CIS2 {endpoint}: {}", describe(&error)))
+    })?;
+    // Only the method, host and path: a query or a header could carry something secret.
+    let span = tracing::info_span!(
+        "cis2",
+        otel.name = %format_args!("{} CIS2 {endpoint}", request.method()),
+        otel.kind = "client",
+        otel.status_code = Empty,
+        upstream = "cis2",
+        endpoint,
+        http.request.method = %request.method(),
+        server.address = request.url().host_str().unwrap_or_default(),
+        url.path = request.url().path(),
+        http.response.status_code = Empty,
+    );
+    crate::telemetry::inject_span_context(&span, request.headers_mut());
     let started = Instant::now();
+    let result = send(endpoint, &client, request, started)
+        .instrument(span.clone())
+        .await;
+    let status = match &result {
+        Ok(answer) => Some(answer.status.as_u16()),
+        Err(_) => None,
+    };
+    if let Some(status) = status {
+        span.record("http.response.status_code", i64::from(status));
+    }
+    if status.is_none_or(|s| s >= 500) {
+        span.record("otel.status_code", "ERROR");
+    }
+    metrics::upstream(Upstream::Cis2, endpoint, status, started.elapsed());
+    result
+}
+
+async fn send(
+    endpoint: &'static str,
+    client: &reqwest::Client,
+    request: reqwest::Request,
+    started: Instant,
+) -> Result<Answer, OidcError> {
     let elapsed_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let mut response = match request.send().await {
+    let mut response = match client.execute(request).await {
         Ok(response) => response,
         Err(error) => {
             let elapsed_ms = elapsed_ms();

@@ -221,6 +221,19 @@ impl Cis2Simulator {
         self.inner.calls.discovery.load(Ordering::Relaxed)
     }
 
+    /// The path and `traceparent` header (if any) of each request received, oldest first (the
+    /// latest 1000), recorded as it arrives.
+    pub fn received_traceparents(&self) -> Vec<(String, Option<String>)> {
+        self.inner
+            .calls
+            .traceparents
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     pub fn users(&self) -> &'static [SimUser] {
         users::USERS
     }
@@ -273,7 +286,12 @@ struct Calls {
     userinfo: AtomicU64,
     jwks: AtomicU64,
     discovery: AtomicU64,
+    /// `(path, traceparent)` of the latest requests, oldest first, so tests can follow a trace.
+    traceparents: Mutex<std::collections::VecDeque<(String, Option<String>)>>,
 }
+
+/// How many requests [`Cis2Simulator::received_traceparents`] remembers.
+const TRACEPARENTS_KEPT: usize = 1000;
 
 /// Everything the provider remembers. Codes and tokens are map keys here and nowhere else.
 #[derive(Default)]
@@ -439,6 +457,24 @@ fn has_scope(scope: &str, wanted: &str) -> bool {
 // Slow fault
 
 async fn slow(State(inner): State<Arc<Inner>>, request: Request, next: Next) -> Response {
+    // Recorded on arrival, before any delay: a test can see a slowed request is in flight.
+    {
+        let traceparent = request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // A poisoned lock only means a panic mid-push elsewhere: the queue is still usable.
+        let mut seen = inner
+            .calls
+            .traceparents
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if seen.len() == TRACEPARENTS_KEPT {
+            seen.pop_front();
+        }
+        seen.push_back((request.uri().path().to_owned(), traceparent));
+    }
     if let Some(delay) = inner.faults.delay() {
         tokio::time::sleep(delay).await;
     }

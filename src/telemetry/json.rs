@@ -1,0 +1,118 @@
+//! JSON log lines with the OpenTelemetry `trace_id` and `span_id` of the span they were logged
+//! in, so a log search and a trace search meet. The line itself is tracing-subscriber's JSON
+//! format; only the two ids are added.
+
+use opentelemetry::trace::{SpanId, TraceContextExt, TraceId};
+use std::fmt;
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent};
+use tracing_subscriber::registry::LookupSpan;
+
+pub(super) struct JsonWithTraceIds {
+    inner: Format<Json>,
+}
+
+impl JsonWithTraceIds {
+    pub(super) fn new() -> Self {
+        JsonWithTraceIds {
+            inner: Format::default()
+                .json()
+                .flatten_event(true)
+                .with_target(true)
+                .with_current_span(true)
+                .with_span_list(false),
+        }
+    }
+}
+
+impl<S> FormatEvent<S, JsonFields> for JsonWithTraceIds
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = String::new();
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
+        let ids = ctx.parent_span().and_then(|span| ids_of(&span.id()));
+        writer.write_str(&with_ids(&line, ids))
+    }
+}
+
+/// The trace and span ids the OpenTelemetry layer gave a `tracing` span, if it gave any.
+fn ids_of(span: &tracing::span::Id) -> Option<(TraceId, SpanId)> {
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let cx = tracing_opentelemetry::get_otel_context(span, &dispatch)?;
+    let otel = cx.span();
+    let sc = otel.span_context();
+    sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
+}
+
+/// `line` (one JSON object and a newline) with `"trace_id"` and `"span_id"` added as its last
+/// members. A line that is not an object ending in `}` is returned as it was.
+fn with_ids(line: &str, ids: Option<(TraceId, SpanId)>) -> String {
+    let Some((trace_id, span_id)) = ids else {
+        return line.to_owned();
+    };
+    let body = line.trim_end();
+    let Some(open) = body.strip_suffix('}') else {
+        return line.to_owned();
+    };
+    let separator = if open.trim_end().ends_with('{') {
+        ""
+    } else {
+        ","
+    };
+    // Both ids are lowercase hex: nothing in them needs escaping.
+    format!("{open}{separator}\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_join_the_object_and_nothing_else_changes() {
+        let trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("valid hex");
+        let span = SpanId::from_hex("00f067aa0ba902b7").expect("valid hex");
+        let ids = Some((trace, span));
+        let tail = r#""trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","span_id":"00f067aa0ba902b7"}"#;
+        let cases = [
+            (
+                "{\"level\":\"INFO\",\"message\":\"hi\"}\n",
+                ids,
+                format!("{{\"level\":\"INFO\",\"message\":\"hi\",{tail}\n"),
+            ),
+            ("{}\n", ids, format!("{{{tail}\n")),
+            ("{\"a\":1}", ids, format!("{{\"a\":1,{tail}\n")),
+            (
+                "{\"level\":\"INFO\"}\n",
+                None,
+                "{\"level\":\"INFO\"}\n".to_owned(),
+            ),
+            ("not json\n", ids, "not json\n".to_owned()),
+            ("", ids, String::new()),
+        ];
+        for (line, ids, want) in cases {
+            assert_eq!(with_ids(line, ids), want, "line {line:?}");
+        }
+    }
+
+    #[test]
+    fn the_result_is_still_one_json_object() {
+        let trace = TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("valid hex");
+        let span = SpanId::from_hex("b7ad6b7169203331").expect("valid hex");
+        let line = "{\"fields\":{\"m\":\"}\"},\"x\":\"{\"}\n";
+        let out = with_ids(line, Some((trace, span)));
+        let value: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
+        assert_eq!(value["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(value["span_id"], "b7ad6b7169203331");
+        assert_eq!(value["x"], "{");
+        assert!(out.ends_with("}\n") && out.matches('\n').count() == 1);
+    }
+}
