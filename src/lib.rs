@@ -10,6 +10,7 @@
 //! - [`session`]: session records, tokens and keys, sealing at rest, and the stores (Redis, memory).
 //! - [`oidc`]: the CIS2 client: discovery, JWKS, code redemption, ID token checks, UserInfo.
 //! - [`signing`]: the broker's own RS512 keys: client assertions and the public JWKS.
+//! - [`apim`]: NHS API Management tokens: token exchange, refresh, the per-session cache.
 //! - [`policy`]: which AAL each national API needs, and what to tell a clinician: pure functions.
 //! - [`http`]: the HTTP port: health, the broker's JWKS, and the dev pages.
 //! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, Prometheus metrics.
@@ -17,6 +18,7 @@
 //! - [`aal`], [`clock`], [`secret`], [`error`]: small shared vocabulary.
 
 pub mod aal;
+pub mod apim;
 pub mod broker;
 pub mod clock;
 pub mod config;
