@@ -1372,7 +1372,11 @@ async fn a_stale_read_takes_the_token_another_replica_just_stored() {
         .await
         .expect("a token");
     assert_eq!(got.access_token.expose(), fetched.access_token.expose());
-    assert_eq!(standin.calls(), (1, 0), "the re-read under the lock found b's token");
+    assert_eq!(
+        standin.calls(),
+        (1, 0),
+        "the re-read under the lock found b's token"
+    );
     standin.assert_clean();
 }
 
