@@ -23,14 +23,18 @@ pub struct DevOptions {
 pub const DEV_CLIENT_ID: &str = "session-broker-dev";
 const DEV_KID: &str = "dev-1";
 
+/// The name of dev mode's one caller, which may use every RPC.
+pub const DEV_CALLER: &str = "dev";
+
 /// The configuration dev mode runs on, as TOML, so it goes through the same validation as a
-/// production file.
+/// production file. `caller_token_sha256` is the hash of the caller token dev mode prints.
 pub fn dev_config(
     opts: &DevOptions,
     issuer: &str,
     discovery_url: &str,
     callback: &str,
     signing_pem: &Secret<String>,
+    caller_token_sha256: &str,
 ) -> Result<Config, StartupError> {
     let store = match &opts.redis_url {
         Some(url) => format!("kind = \"redis\"\nurl = {url:?}\nkey_prefix = \"sb-dev:\""),
@@ -55,6 +59,10 @@ client_auth = "private_key_jwt"
 redirect_uris = ["{callback}"]
 http_timeout = "5s"
 
+[[callers]]
+name = "{DEV_CALLER}"
+token_sha256 = "{caller_token_sha256}"
+rpcs = ["*"]
 "#,
         grpc = opts.grpc_addr,
         http = opts.http_addr,
@@ -89,9 +97,32 @@ pub async fn run(
             "dev mode listens on loopback addresses only".into(),
         ));
     }
-    let grpc = TcpListener::bind(opts.grpc_addr).await?;
-    let http = TcpListener::bind(opts.http_addr).await?;
-    let sim_listener = TcpListener::bind(opts.sim_addr).await?;
+    let listeners = DevListeners {
+        grpc: TcpListener::bind(opts.grpc_addr).await?,
+        http: TcpListener::bind(opts.http_addr).await?,
+        sim: TcpListener::bind(opts.sim_addr).await?,
+    };
+    serve(listeners, &opts, shutdown).await
+}
+
+/// Dev mode's three listeners, bound by the caller (tests bind port 0).
+pub struct DevListeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+    pub sim: TcpListener,
+}
+
+/// Runs dev mode on listeners already bound.
+pub async fn serve(
+    listeners: DevListeners,
+    opts: &DevOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    let DevListeners {
+        grpc,
+        http,
+        sim: sim_listener,
+    } = listeners;
     let callback = format!("http://{}/dev/callback", http.local_addr()?);
 
     let pem = generate_private_pem().map_err(|e| StartupError::Config(e.to_string()))?;
@@ -112,7 +143,16 @@ pub async fn run(
     )
     .await?;
 
-    let config = dev_config(&opts, sim.issuer(), &sim.discovery_url(), &callback, &pem)?;
+    // A fresh caller token each run: printed below, so only whoever started dev mode has it.
+    let (caller_token, caller_hash) = crate::grpc::auth::new_token();
+    let config = dev_config(
+        opts,
+        sim.issuer(),
+        &sim.discovery_url(),
+        &callback,
+        &pem,
+        &caller_hash,
+    )?;
     let mut app = server::build_default(&config)?;
     app.dev = Some(Arc::new(DevPages {
         callback_url: callback.clone(),
@@ -125,6 +165,7 @@ pub async fn run(
         &sim,
         &callback,
         opts.redis_url.is_some(),
+        &caller_token,
     );
     let result = server::run(app, grpc, http, shutdown).await;
     sim.shutdown();
@@ -137,6 +178,7 @@ fn print_banner(
     sim: &Cis2Simulator,
     callback: &str,
     redis: bool,
+    caller_token: &Secret<String>,
 ) {
     let store = if redis {
         "Redis"
@@ -153,15 +195,21 @@ fn print_banner(
   HTTP   http://{http}
   CIS2   {issuer}   (simulator)
 
+  Every SessionBroker RPC needs the dev caller token (made up at start-up, all RPCs):
+      export TOKEN={token}
+
   Walk-through:
    1. Open http://{http}/dev and press "Sign in".
    2. Pick a test user on the simulator's page (656005750107 has a smartcard and a passkey).
    3. You land on {callback}, which calls ExchangeCode and shows the session.
    4. Or over gRPC:
-      grpcurl -plaintext -d '{{"redirect_uri":"{callback}"}}' {grpc} session_broker.v1.SessionBroker/StartLogin
+      grpcurl -plaintext -H "authorization: Bearer $TOKEN" \
+        -d '{{"redirect_uri":"{callback}"}}' {grpc} session_broker.v1.SessionBroker/StartLogin
       then open the authorization_url, and read the session with GetCurrentAal.
 ================================================================================
 "#,
         issuer = sim.issuer(),
+        // Printing it is the point: dev mode's operator must be able to call the broker.
+        token = caller_token.expose(),
     );
 }

@@ -1,6 +1,7 @@
 //! `session-broker`: parse the command line, load configuration, set up logging, run.
 
-use cis2_session_broker::config::Config;
+use cis2_session_broker::config::{Config, ConfigErrors};
+use cis2_session_broker::grpc::auth as caller_auth;
 use cis2_session_broker::telemetry::{self, LogFormat};
 use cis2_session_broker::{dev, server, signing};
 use clap::{Parser, Subcommand};
@@ -47,6 +48,20 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Bearer tokens for the services that call the broker (`[[callers]]`).
+    Callers {
+        #[command(subcommand)]
+        command: CallersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CallersCommand {
+    /// Print a fresh random token (give it to the calling service) and its token_sha256 (put it
+    /// in the broker's configuration).
+    NewToken,
+    /// Read a token from standard input and print its token_sha256.
+    HashToken,
 }
 
 #[derive(Subcommand)]
@@ -63,7 +78,7 @@ enum KeysCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
+        Command::CheckConfig { file } => match Config::load(&file).and_then(ready_to_serve) {
             Ok(_) => {
                 println!("{}: OK", file.display());
                 ExitCode::SUCCESS
@@ -73,6 +88,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Callers { command } => callers(command),
         Command::Keys {
             command: KeysCommand::Generate { dir, kid },
         } => match signing::generate_key_files(&dir, &kid) {
@@ -90,7 +106,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve { config } => {
-            let config = match Config::load(&config) {
+            let config = match Config::load(&config).and_then(ready_to_serve) {
                 Ok(c) => c,
                 Err(e) => {
                     eprint!("{}: {e}", config.display());
@@ -121,6 +137,43 @@ fn main() -> ExitCode {
                 shutdown_signal(),
             ),
         ),
+    }
+}
+
+/// Problems that only matter to a broker about to serve (see `Config::callers_problem`).
+fn ready_to_serve(config: Config) -> Result<Config, ConfigErrors> {
+    match config.callers_problem() {
+        Some(problem) => Err(ConfigErrors(vec![problem])),
+        None => Ok(config),
+    }
+}
+
+fn callers(command: CallersCommand) -> ExitCode {
+    match command {
+        CallersCommand::NewToken => {
+            let (token, hash) = caller_auth::new_token();
+            println!(
+                "token:        {}\ntoken_sha256: {hash}\n\nGive the token to the calling service \
+                 (it sends `authorization: Bearer <token>`); put only token_sha256 in [[callers]].",
+                token.expose()
+            );
+            ExitCode::SUCCESS
+        }
+        CallersCommand::HashToken => {
+            let mut token = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut token) {
+                eprintln!("callers hash-token: cannot read standard input: {e}");
+                return ExitCode::FAILURE;
+            }
+            // A trailing newline from `echo` or a file is not part of the token.
+            let token = token.trim_end_matches(['\r', '\n']);
+            if token.is_empty() || token.contains(char::is_whitespace) {
+                eprintln!("callers hash-token: give one token, without spaces, on standard input");
+                return ExitCode::FAILURE;
+            }
+            println!("{}", caller_auth::to_hex(&caller_auth::hash_token(token)));
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::broker::{Broker, BrokerSettings};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{ClientAuthMethod, Config, SigningKeySource, StoreConfig};
+use crate::grpc::auth::{CallerAuth, GrpcAccess};
 use crate::grpc::{BrokerService, pb};
 use crate::oidc::{Cis2Client, ClientAuth, OidcSettings};
 use crate::session::memory::MemoryStore;
@@ -31,6 +32,8 @@ pub struct App {
     pub dev: Option<Arc<crate::http::dev::DevPages>>,
     /// How long in-flight calls may run once shutdown begins (`server.shutdown_grace`).
     pub shutdown_grace: Duration,
+    /// Callers, TLS and reflection of the gRPC port.
+    pub grpc_access: GrpcAccess,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,8 @@ pub enum StartupError {
 
 /// Builds the broker. Touches no network: Redis and CIS2 may still be down, and readiness says so.
 pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartupError> {
+    let grpc_access =
+        GrpcAccess::from_config(config, clock.clone()).map_err(StartupError::Config)?;
     let store: Arc<dyn SessionStore> = match &config.store {
         StoreConfig::Memory => Arc::new(MemoryStore::new(clock.clone())),
         StoreConfig::Redis(settings) => Arc::new(
@@ -95,6 +100,7 @@ pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartupError
         signing,
         dev: None,
         shutdown_grace: config.server.shutdown_grace,
+        grpc_access,
     })
 }
 
@@ -146,20 +152,35 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     let readiness = tokio::spawn(watch_readiness(app.broker.clone(), health, stop_rx.clone()));
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| StartupError::Serve(format!("reflection: {e}")))?;
-    let service =
+    let reflection = app
+        .grpc_access
+        .reflection
+        .then(|| {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .map_err(|e| StartupError::Serve(format!("reflection: {e}")))
+        })
+        .transpose()?;
+    // Health and reflection stay open; every SessionBroker RPC passes the caller check first.
+    let service = CallerAuth::new(
         pb::session_broker_server::SessionBrokerServer::new(BrokerService::new(app.broker.clone()))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        app.grpc_access.callers.clone(),
+    );
+    let mut grpc_builder = tonic::transport::Server::builder();
+    if let Some(tls) = &app.grpc_access.tls {
+        grpc_builder = grpc_builder
+            .tls_config(tls.clone())
+            .map_err(|e| StartupError::Config(format!("server.tls: {e}")))?;
+    }
 
     info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "broker listening");
-    let grpc_server = tonic::transport::Server::builder()
+    let grpc_server = grpc_builder
         .layer(crate::telemetry::grpc::GrpcTelemetryLayer)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_optional_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpIncoming::from(grpc), stopped(stop_rx.clone()));
     let http_server = axum::serve(http, crate::http::router(app.clone()))

@@ -13,12 +13,55 @@ use cis2_session_broker::sim::{Cis2Simulator, SimClient, SimOptions};
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig};
 use url::Url;
 
 pub const CLIENT_ID: &str = "e2e-client";
 pub const CLIENT_SECRET: &str = "e2e-client-secret-5f2c9a";
 pub const CALLBACK: &str = "https://app.example.test/callback";
+
+/// The harness's own caller: every RPC, no practical rate limit. Its bearer token is sent on
+/// every call of [`Harness::client`].
+pub const CALLER_NAME: &str = "e2e-tests";
+pub const CALLER_TOKEN: &str = "sbc_e2e-caller-token-3f9c1a7e5b2d4c8a9e0f1b2c3d4e5f60";
+
+/// A `SessionBroker` client that sends a bearer token (or none) on every call.
+pub type Client = SessionBrokerClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to each request.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> BearerToken {
+        BearerToken(token.map(|t| {
+            format!("Bearer {t}")
+                .parse()
+                .expect("test tokens are visible ASCII")
+        }))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            req.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The `[[callers]]` entry for the harness's own caller.
+pub fn harness_caller_toml() -> String {
+    let hash = cis2_session_broker::grpc::auth::to_hex(
+        &cis2_session_broker::grpc::auth::hash_token(CALLER_TOKEN),
+    );
+    format!(
+        "[[callers]]\nname = {CALLER_NAME:?}\ntoken_sha256 = {hash:?}\nrpcs = [\"*\"]\nrate_per_second = 100000\nmax_pending_logins_per_minute = 100000\n"
+    )
+}
 
 /// Test users of the simulator (reference §6).
 pub const SMARTCARD_AND_PASSKEY: &str = "656005750107";
@@ -50,6 +93,14 @@ pub struct Options {
     pub redis_url: Option<String>,
     /// Extra TOML appended to the broker's configuration.
     pub extra_toml: String,
+    /// The `[[callers]]` TOML; `None`: just the harness's own caller ([`harness_caller_toml`]).
+    pub callers_toml: Option<String>,
+    /// Connect over TLS with this (the broker needs `[server.tls]` in `extra_toml`).
+    pub client_tls: Option<ClientTlsConfig>,
+    /// Extra `BROKER__*` overrides, e.g. for keys of sections the harness already wrote.
+    pub env: Vec<(String, String)>,
+    /// The broker's clock; `None`: the system clock.
+    pub clock: Option<std::sync::Arc<dyn cis2_session_broker::clock::Clock>>,
 }
 
 impl Default for Options {
@@ -61,6 +112,10 @@ impl Default for Options {
             broker_issuer: None,
             redis_url: None,
             extra_toml: String::new(),
+            callers_toml: None,
+            client_tls: None,
+            env: Vec::new(),
+            clock: None,
         }
     }
 }
@@ -69,7 +124,10 @@ pub struct Harness {
     pub sim: Cis2Simulator,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
-    pub client: SessionBrokerClient<Channel>,
+    /// Sends the harness caller's token on every call.
+    pub client: Client,
+    /// The connection to the broker, for clients with other credentials.
+    pub channel: Channel,
     pub key_prefix: String,
     pub redis_url: String,
     pub app: App,
@@ -147,11 +205,16 @@ redirect_uris = [{CALLBACK:?}]
 http_timeout = "3s"
 jwks_min_refresh_interval = "1s"
 {extra}
+{callers}
 "#,
             discovery = sim.discovery_url(),
             extra = opts.extra_toml,
+            callers = opts
+                .callers_toml
+                .clone()
+                .unwrap_or_else(harness_caller_toml),
         );
-        let env = vec![
+        let mut env = vec![
             (
                 "BROKER__ENCRYPTION__KEYS".to_owned(),
                 format!("e2e:{}", KeyRing::generate_key().expose()),
@@ -164,9 +227,14 @@ jwks_min_refresh_interval = "1s"
                 ),
             ),
         ];
+        env.extend(opts.env.iter().cloned());
         let config =
             Config::from_toml_with_env(&text, env).unwrap_or_else(|e| panic!("test config: {e}"));
-        let app = server::build_default(&config).expect("broker builds");
+        let clock = opts
+            .clock
+            .clone()
+            .unwrap_or_else(|| std::sync::Arc::new(cis2_session_broker::clock::SystemClock));
+        let app = server::build(&config, clock).expect("broker builds");
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
         let grpc_addr = grpc.local_addr().expect("bound");
@@ -182,22 +250,34 @@ jwks_min_refresh_interval = "1s"
                 .expect("broker runs");
             }
         });
-        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
-            .expect("valid URI")
-            .connect()
-            .await
-            .expect("connect to broker");
+        let endpoint = match &opts.client_tls {
+            None => Channel::from_shared(format!("http://{grpc_addr}")).expect("valid URI"),
+            Some(tls) => Channel::from_shared(format!("https://{grpc_addr}"))
+                .expect("valid URI")
+                .tls_config(tls.clone())
+                .expect("client TLS configuration"),
+        };
+        let channel = endpoint.connect().await.expect("connect to broker");
         Harness {
             sim,
             grpc_addr,
             http_addr,
-            client: SessionBrokerClient::new(channel),
+            client: SessionBrokerClient::with_interceptor(
+                channel.clone(),
+                BearerToken::new(Some(CALLER_TOKEN)),
+            ),
+            channel,
             key_prefix,
             redis_url,
             app,
             stop: Some(stop),
             server: Some(server),
         }
+    }
+
+    /// A client on the harness's connection that sends `token` (or no credential at all).
+    pub fn client_with_token(&self, token: Option<&str>) -> Client {
+        SessionBrokerClient::with_interceptor(self.channel.clone(), BearerToken::new(token))
     }
 
     pub async fn stop(mut self) {
