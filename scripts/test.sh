@@ -35,6 +35,25 @@ free_port() {
   echo "no free port found" >&2; exit 1
 }
 
+# A throwaway virtualenv with kubernetes-validate (its schemas ship inside: no cluster, no kubectl).
+k8s_venv() {
+  local venv="$work/k8s-venv"
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      say "installing python3-venv from Debian's packages" >&2
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv --clear "$venv" >&2
+    else
+      echo "python3 -m venv does not work here (Debian: apt-get install python3-venv)" >&2
+      exit 1
+    fi
+  fi
+  # Its stdout is this function's answer: pip's chatter goes to stderr.
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'kubernetes-validate==1.37.0' >&2
+  echo "$venv/bin/python"
+}
+
 # start_redis PORT [extra redis-server args...]: a private, disposable server.
 start_redis() {
   local port=$1; shift
@@ -66,5 +85,13 @@ cargo clippy --locked --all-targets -- -D warnings
 
 say "cargo test"
 cargo test --locked --all-targets
+
+say "Kubernetes manifests: schemas (offline), selectors, and the ConfigMap's broker.toml"
+py=$(k8s_venv)
+"$py" scripts/k8s_validate.py
+"$py" scripts/k8s_validate.py --extract-config deploy/kubernetes/base "$work/broker.toml"
+BROKER__ENCRYPTION__KEYS="check:$(head -c 32 /dev/urandom | base64)" \
+  BROKER__STORE__URL="redis://redis:6379" \
+  cargo run --quiet --locked --bin session-broker -- check-config "$work/broker.toml"
 
 say "all checks passed"
