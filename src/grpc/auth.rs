@@ -880,6 +880,39 @@ mod tests {
     }
 
     #[test]
+    fn certificates_offer_their_subject_and_uri_and_dns_names() {
+        use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+        let mut params =
+            CertificateParams::new(vec!["api.example".to_owned()]).expect("valid params");
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Example Trust");
+        params.distinguished_name.push(DnType::CommonName, "rx-api");
+        params.subject_alt_names.push(SanType::URI(
+            "spiffe://example/ns/rx".try_into().expect("ascii"),
+        ));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([10, 0, 0, 1].into()));
+        let key = KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("certificate");
+        let names = CertNames::from_der(cert.der()).expect("parses");
+        assert_eq!(names.subject, "CN=rx-api,O=Example Trust");
+        assert_eq!(names.sans, ["api.example", "spiffe://example/ns/rx"]);
+        // What configuration canonicalises a subject to is what a certificate shows.
+        let configured: x509_cert::name::RdnSequence =
+            "CN=rx-api,O=Example Trust".parse().expect("RFC 4514");
+        assert_eq!(configured.to_string(), names.subject);
+
+        assert_eq!(CertNames::from_der(b"not DER"), None);
+        assert_eq!(
+            CertNames::from_der(&cert.der()[..cert.der().len() - 1]),
+            None
+        );
+    }
+
+    #[test]
     fn rpc_names_come_from_the_path() {
         assert_eq!(
             rpc_name("/session_broker.v1.SessionBroker/StartLogin"),
