@@ -2,8 +2,9 @@
 //! session, check access, log out. Inputs and outputs are domain types; `grpc` converts.
 
 use crate::aal::{Aal, AalSource, authenticator_label};
+use crate::apim::{IssuedToken, TokenService, TokenSubject};
 use crate::clock::{Clock, from_unix_seconds, unix_seconds};
-use crate::config::{Cis2Config, SessionConfig};
+use crate::config::{ApimConfig, Cis2Config, Pattern, SessionConfig};
 use crate::error::{BrokerError, FieldViolation, Result};
 use crate::oidc::{
     AuthorizationRequest, Cis2Client, IdTokenClaims, IdTokenExpectations, OidcError, pkce,
@@ -16,6 +17,7 @@ use crate::session::{
     KeyRing, LoginKey, PendingLogin, Role, SessionId, SessionRecord, SessionStore, SessionToken,
     User,
 };
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tracing::{info, instrument, warn};
@@ -31,8 +33,9 @@ pub mod limits {
     pub const IDP_ERROR: usize = 256;
     pub const IDP_ERROR_DESCRIPTION: usize = 1024;
     pub const ISS: usize = 1024;
+    /// The longest `min_validity` a caller may ask for; APIM access tokens live 10 minutes.
+    pub const MIN_VALIDITY: std::time::Duration = std::time::Duration::from_secs(3600);
 }
-
 /// `StartLogin` input.
 #[derive(Debug, Default)]
 pub struct StartLogin {
@@ -104,8 +107,25 @@ pub struct AccessCheck {
 pub struct BrokerSettings {
     pub sessions: SessionConfig,
     pub cis2: Cis2Config,
+    pub apim: Option<ApimConfig>,
 }
 
+impl BrokerSettings {
+    fn pattern(&self) -> Pattern {
+        self.apim.as_ref().map_or(Pattern::Separate, |a| a.pattern)
+    }
+}
+
+/// An access token for a national API, and the headers to send with it.
+#[derive(Debug)]
+pub struct ApiTokenView {
+    pub access_token: Secret<String>,
+    pub token_type: String,
+    pub expires_at: SystemTime,
+    pub api: String,
+    pub aal: Aal,
+    pub headers: BTreeMap<String, String>,
+}
 pub struct Broker {
     store: Arc<dyn SessionStore>,
     keys: Arc<KeyRing>,
@@ -113,6 +133,8 @@ pub struct Broker {
     clock: Arc<dyn Clock>,
     settings: BrokerSettings,
     policy: PolicyTable,
+    /// APIM tokens; `None` when no `[apim]` is configured.
+    tokens: Option<TokenService>,
 }
 
 /// A session loaded from the store and opened.
@@ -120,8 +142,11 @@ struct Loaded {
     id: SessionId,
     record: SessionRecord,
     idle_expires_at: SystemTime,
+    /// The store TTL left after this read (and touch).
+    ttl: Duration,
+    /// The session's cached APIM tokens, when asked for.
+    tokens: Vec<(String, Vec<u8>)>,
 }
-
 impl Broker {
     pub fn new(
         store: Arc<dyn SessionStore>,
@@ -130,6 +155,7 @@ impl Broker {
         clock: Arc<dyn Clock>,
         settings: BrokerSettings,
         policy: PolicyTable,
+        tokens: Option<TokenService>,
     ) -> Self {
         Broker {
             store,
@@ -138,9 +164,9 @@ impl Broker {
             clock,
             settings,
             policy,
+            tokens,
         }
     }
-
     pub fn policy(&self) -> &PolicyTable {
         &self.policy
     }
@@ -214,6 +240,14 @@ impl Broker {
         .max(Aal::Aal2);
 
         let step_up = match &req.session_token {
+            // Without an ID token the broker cannot tell who signed in, so it could not check
+            // that the same user stepped up: refuse rather than guess.
+            Some(_) if self.settings.pattern() == Pattern::Combined => {
+                return Err(BrokerError::invalid(
+                    "session_token",
+                    "step-up needs the separate authentication pattern; start a new sign-in at the level needed",
+                ));
+            }
             Some(token) => {
                 let loaded = self.load(token.expose()).await?;
                 Some(StepUpOf {
@@ -230,21 +264,27 @@ impl Broker {
         let verifier = pkce::new_verifier();
         let acr_values = self.settings.cis2.acr_values_for(required_aal).to_owned();
         let max_age = self.settings.cis2.max_age.map(|d| d.as_secs());
-        let url = self
-            .cis2
-            .authorization_url(&AuthorizationRequest {
-                redirect_uri: &req.redirect_uri,
-                scopes: &self.settings.cis2.scopes,
-                state: state.expose(),
-                nonce: nonce.expose(),
-                pkce_challenge: &pkce::challenge_s256(verifier.expose()),
-                acr_values: &acr_values,
-                max_age,
-                // NHS clients always send it: CIS2 then asks for a fresh sign-in and a role.
-                prompt: Some("login"),
-            })
-            .await
-            .map_err(idp_error)?;
+        let url = match (&self.tokens, self.settings.pattern()) {
+            (Some(tokens), Pattern::Combined) => tokens
+                .client()
+                .authorization_url(&req.redirect_uri, state.expose(), &acr_values)
+                .map_err(BrokerError::from)?,
+            _ => self
+                .cis2
+                .authorization_url(&AuthorizationRequest {
+                    redirect_uri: &req.redirect_uri,
+                    scopes: &self.settings.cis2.scopes,
+                    state: state.expose(),
+                    nonce: nonce.expose(),
+                    pkce_challenge: &pkce::challenge_s256(verifier.expose()),
+                    acr_values: &acr_values,
+                    max_age,
+                    // NHS clients always send it: CIS2 then asks for a fresh sign-in and a role.
+                    prompt: Some("login"),
+                })
+                .await
+                .map_err(idp_error)?,
+        };
 
         let is_step_up = step_up.is_some();
         let pending = PendingLogin {
@@ -335,6 +375,10 @@ impl Broker {
             return Err(BrokerError::rejected(
                 "the callback's iss is not the configured CIS2 issuer",
             ));
+        }
+
+        if self.settings.pattern() == Pattern::Combined {
+            return self.exchange_combined(req, pending).await;
         }
 
         let tokens = self
@@ -464,7 +508,7 @@ impl Broker {
     /// session revoked meanwhile is not brought back.
     async fn step_up(&self, of: &StepUpOf, s: SignedIn, now: SystemTime) -> Result<SessionView> {
         let id = SessionId::parse(&of.session_id).ok_or(BrokerError::SessionInvalid)?;
-        let current = self.load_by_id(id).await?;
+        let current = self.load_by_id(id, false).await?;
         if current.record.user.uid != s.claims.sub {
             return Err(BrokerError::rejected(
                 "a different user signed in than the one stepping up",
@@ -499,6 +543,13 @@ impl Broker {
             .await?
         {
             return Err(BrokerError::SessionInvalid);
+        }
+        // Tokens minted at the lower level are keyed by the old generation and never served
+        // again; dropping them now just frees the space.
+        if let Some(tokens) = &self.tokens
+            && let Err(e) = tokens.drop_tokens(&current.id).await
+        {
+            warn!(session_id = %current.id, error = %e, "could not drop the lower-level tokens");
         }
         Ok(view(&current.id, &record, now + ttl))
     }
@@ -554,15 +605,33 @@ impl Broker {
             return Err(BrokerError::SessionInvalid);
         }
         let token = SessionToken::parse(session_token).ok_or(BrokerError::SessionInvalid)?;
-        self.load_by_id(token.id()).await
+        self.load_by_id(token.id(), false).await
     }
 
-    async fn load_by_id(&self, id: SessionId) -> Result<Loaded> {
-        let stored = self
-            .store
-            .get_session(&id)
-            .await?
-            .ok_or(BrokerError::SessionInvalid)?;
+    /// Loads a session and, in the same store round trip, its cached APIM tokens.
+    async fn load_with_tokens(&self, session_token: &str) -> Result<Loaded> {
+        if session_token.len() > limits::SESSION_TOKEN {
+            return Err(BrokerError::SessionInvalid);
+        }
+        let token = SessionToken::parse(session_token).ok_or(BrokerError::SessionInvalid)?;
+        self.load_by_id(token.id(), true).await
+    }
+
+    async fn load_by_id(&self, id: SessionId, with_tokens: bool) -> Result<Loaded> {
+        let (stored, tokens) = if with_tokens {
+            self.store
+                .get_session_with_tokens(&id)
+                .await?
+                .ok_or(BrokerError::SessionInvalid)?
+        } else {
+            (
+                self.store
+                    .get_session(&id)
+                    .await?
+                    .ok_or(BrokerError::SessionInvalid)?,
+                Vec::new(),
+            )
+        };
         let record: SessionRecord = self
             .keys
             .open_json(&stored.sealed, &session_aad(&id))
@@ -577,6 +646,7 @@ impl Broker {
             return Err(BrokerError::SessionInvalid);
         }
         let mut idle_expires_at = now + stored.ttl;
+        let mut ttl = stored.ttl;
         // Slide the idle timer only when the last slide is older than the touch interval: reads
         // stay reads. The TTL left tells how long ago the last slide was.
         let full = self.ttl_for(&record, now);
@@ -585,11 +655,193 @@ impl Broker {
                 return Err(BrokerError::SessionInvalid);
             }
             idle_expires_at = now + full;
+            ttl = full;
         }
         Ok(Loaded {
             id,
             record,
             idle_expires_at,
+            ttl,
+            tokens,
+        })
+    }
+
+    /// A user-restricted APIM access token for `api`, if the session's level allows it.
+    #[instrument(skip_all, fields(api, session_id))]
+    pub async fn get_api_token(
+        &self,
+        session_token: &str,
+        api: &str,
+        min_validity: Option<Duration>,
+    ) -> Result<ApiTokenView> {
+        let policy = self.api_policy(api)?;
+        let min_validity = match min_validity {
+            Some(d) if d > limits::MIN_VALIDITY => {
+                return Err(BrokerError::invalid(
+                    "min_validity",
+                    "must be at most one hour",
+                ));
+            }
+            Some(d) => d,
+            None => self
+                .settings
+                .apim
+                .as_ref()
+                .map_or(Duration::from_secs(60), |a| a.min_validity),
+        };
+        let Some(tokens) = &self.tokens else {
+            return Err(BrokerError::UpstreamRejected {
+                upstream: "apim",
+                error: "not_configured".into(),
+                description: "this broker has no [apim] configuration".into(),
+            });
+        };
+        let loaded = self.load_with_tokens(session_token).await?;
+        tracing::Span::current().record("session_id", loaded.id.as_str());
+        let record = &loaded.record;
+        match policy::decide(policy, record.aal, record.user.ial) {
+            Access::Allowed => {}
+            Access::StepUpRequired {
+                required,
+                current,
+                message,
+            } => {
+                return Err(BrokerError::StepUpRequired {
+                    api: policy.api.clone(),
+                    required,
+                    current,
+                    message,
+                });
+            }
+            Access::IdentityTooWeak {
+                required_ial,
+                message,
+            } => {
+                return Err(BrokerError::IdentityAssuranceInsufficient {
+                    api: policy.api.clone(),
+                    required_ial,
+                    message,
+                });
+            }
+        }
+        let id_token = record.id_token.expose().as_deref();
+        let subject = TokenSubject {
+            session_id: &loaded.id,
+            aal: record.aal,
+            generation: record.generation,
+            id_token,
+            id_token_expires_at: record.id_token_expires_at,
+            ttl: loaded.ttl,
+        };
+        let IssuedToken {
+            access_token,
+            token_type,
+            expires_at,
+        } = tokens
+            .access_token(&subject, &loaded.tokens, min_validity)
+            .await?;
+        Ok(ApiTokenView {
+            access_token,
+            token_type,
+            expires_at,
+            api: policy.api.clone(),
+            aal: record.aal,
+            headers: self.api_headers(record),
+        })
+    }
+
+    /// The headers PDS (and other national APIs) want beside the token (reference §3).
+    fn api_headers(&self, record: &SessionRecord) -> BTreeMap<String, String> {
+        let mut headers = BTreeMap::new();
+        if let Some(role) = &record.selected_role {
+            headers.insert("NHSD-Session-URID".to_owned(), role.role_id.clone());
+            let org_header = self
+                .settings
+                .apim
+                .as_ref()
+                .is_some_and(|a| a.end_user_organisation_header);
+            if org_header && !role.org_code.is_empty() {
+                headers.insert(
+                    "NHSD-End-User-Organisation-ODS".to_owned(),
+                    role.org_code.clone(),
+                );
+            }
+        }
+        headers
+    }
+
+    /// The combined pattern: APIM ran CIS2 and hands over its own tokens, no ID token. The
+    /// session's level is the one that was requested: the only lower bound known.
+    async fn exchange_combined(
+        &self,
+        req: ExchangeCode,
+        pending: PendingLogin,
+    ) -> Result<Exchanged> {
+        let tokens = self
+            .tokens
+            .as_ref()
+            .ok_or_else(|| BrokerError::Internal("combined pattern without APIM".into()))?;
+        let grant = tokens
+            .client()
+            .redeem_code(req.code.expose(), &pending.redirect_uri)
+            .await
+            .map_err(|e| match BrokerError::from(e) {
+                // A code APIM will not redeem is a failed sign-in, not a broker misconfiguration.
+                BrokerError::UpstreamRejected {
+                    error, description, ..
+                } => BrokerError::LoginRejected {
+                    idp_error: Some(error),
+                    detail: format!("APIM refused the code: {description}"),
+                },
+                other => other,
+            })?;
+        let now = self.clock.now();
+        let record = SessionRecord {
+            user: User::default(),
+            selected_role: None,
+            roles: Vec::new(),
+            organisations: Vec::new(),
+            aal: pending.required_aal,
+            aal_source: AalSource::Requested,
+            acr: pending.acr_values.clone(),
+            amr: Vec::new(),
+            auth_time: unix_seconds(now),
+            created_at: unix_seconds(now),
+            expires_at: unix_seconds(now + self.settings.sessions.absolute_lifetime),
+            cis2_sid: None,
+            id_token: Secret::new(None),
+            id_token_expires_at: None,
+            generation: 0,
+        };
+        let token = SessionToken::generate();
+        let id = token.id();
+        let ttl = self.ttl_for(&record, now);
+        let sealed = self
+            .keys
+            .seal_json(&record, &session_aad(&id))
+            .map_err(internal)?;
+        if !self.store.create_session(&id, &sealed, ttl).await? {
+            return Err(BrokerError::Internal("session id collision".into()));
+        }
+        let subject = TokenSubject {
+            session_id: &id,
+            aal: record.aal,
+            generation: 0,
+            id_token: None,
+            id_token_expires_at: None,
+            ttl,
+        };
+        if let Err(e) = tokens.store_grant(&subject, grant).await {
+            // No half-made sessions: without its tokens the session is useless.
+            let _ = self.store.delete_session(&id).await;
+            return Err(e);
+        }
+        info!(session_id = %id, aal = %record.aal, "session created (combined pattern)");
+        Ok(Exchanged {
+            session_token: Some(token),
+            session: view(&id, &record, now + ttl),
+            stepped_up: false,
+            app_state: pending.app_state,
         })
     }
 

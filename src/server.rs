@@ -1,6 +1,7 @@
 //! Wiring and serving: builds the broker from a [`Config`] and runs the gRPC and HTTP listeners
 //! until shutdown. Tests call [`run`] with listeners bound to port 0.
 
+use crate::apim::{ApimClient, TokenService};
 use crate::broker::{Broker, BrokerSettings};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{ClientAuthMethod, Config, SigningKeySource, StoreConfig};
@@ -84,16 +85,36 @@ pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartupError
         clock.clone(),
     )
     .map_err(|e| StartupError::Config(format!("cis2: {e}")))?;
+    let keys = Arc::new(keys);
+    let tokens = match &config.apim {
+        Some(apim) => {
+            let signing = signing.clone().ok_or_else(|| {
+                StartupError::Config("apim: client assertions need [[signing.keys]]".into())
+            })?;
+            let client = ApimClient::new(apim, signing, clock.clone())
+                .map_err(|e| StartupError::Config(format!("apim: {e}")))?;
+            Some(TokenService::new(
+                store.clone(),
+                keys.clone(),
+                client,
+                clock.clone(),
+                apim.lock_lease,
+            ))
+        }
+        None => None,
+    };
     let broker = Broker::new(
         store,
-        Arc::new(keys),
+        keys,
         Arc::new(cis2),
         clock,
         BrokerSettings {
             sessions: config.sessions.clone(),
             cis2: config.cis2.clone(),
+            apim: config.apim.clone(),
         },
         config.policy.clone(),
+        tokens,
     );
     Ok(App {
         broker: Arc::new(broker),

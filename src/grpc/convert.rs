@@ -3,7 +3,9 @@
 
 use super::pb;
 use crate::aal::{Aal, AalSource};
-use crate::broker::{AccessCheck, ExchangeCode, Exchanged, LoginStarted, SessionView, StartLogin};
+use crate::broker::{
+    AccessCheck, ApiTokenView, ExchangeCode, Exchanged, LoginStarted, SessionView, StartLogin,
+};
 use crate::error::BrokerError;
 use crate::policy::ApiPolicy;
 use crate::secret::Secret;
@@ -37,6 +39,39 @@ pub fn aal_from_wire(field: &'static str, raw: i32) -> Result<Option<Aal>, Broke
         Ok(pb::Aal::Aal2) => Ok(Some(Aal::Aal2)),
         Ok(pb::Aal::Aal3) => Ok(Some(Aal::Aal3)),
         Err(_) => Err(BrokerError::invalid(field, "is not a known Aal value")),
+    }
+}
+
+/// `min_validity` from the wire: absent means the configured default; negative is refused.
+pub fn min_validity(
+    d: Option<prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, BrokerError> {
+    match d {
+        None => Ok(None),
+        Some(d) => std::time::Duration::try_from(d)
+            .map(Some)
+            .map_err(|_| BrokerError::invalid("min_validity", "must be a non-negative duration")),
+    }
+}
+
+impl From<ApiTokenView> for pb::ApiToken {
+    fn from(t: ApiTokenView) -> Self {
+        let ApiTokenView {
+            access_token,
+            token_type,
+            expires_at,
+            api,
+            aal: level,
+            headers,
+        } = t;
+        pb::ApiToken {
+            access_token: access_token.into_inner(),
+            token_type,
+            expires_at: Some(timestamp(expires_at)),
+            api,
+            aal: aal(level).into(),
+            headers: headers.into_iter().collect(),
+        }
     }
 }
 

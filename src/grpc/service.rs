@@ -1,7 +1,9 @@
 //! `SessionBroker` over gRPC: each method converts, calls the broker, converts back.
 
+use super::convert;
 use super::pb::{self, session_broker_server::SessionBroker};
 use crate::broker::{Broker, StartLogin};
+use crate::policy;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -66,20 +68,31 @@ impl SessionBroker for BrokerService {
         ))
     }
 
-    async fn get_pds_token(
-        &self,
-        _request: Request<pb::GetPdsTokenRequest>,
-    ) -> Reply<pb::ApiToken> {
-        Err(Status::unimplemented("GetPdsToken is not available yet"))
+    async fn get_pds_token(&self, request: Request<pb::GetPdsTokenRequest>) -> Reply<pb::ApiToken> {
+        let pb::GetPdsTokenRequest {
+            session_token,
+            min_validity,
+        } = request.into_inner();
+        let min_validity = convert::min_validity(min_validity)?;
+        let token = self
+            .broker
+            .get_api_token(&session_token, policy::PDS, min_validity)
+            .await?;
+        Ok(Response::new(token.into()))
     }
-
-    async fn get_api_token(
-        &self,
-        _request: Request<pb::GetApiTokenRequest>,
-    ) -> Reply<pb::ApiToken> {
-        Err(Status::unimplemented("GetApiToken is not available yet"))
+    async fn get_api_token(&self, request: Request<pb::GetApiTokenRequest>) -> Reply<pb::ApiToken> {
+        let pb::GetApiTokenRequest {
+            session_token,
+            api,
+            min_validity,
+        } = request.into_inner();
+        let min_validity = convert::min_validity(min_validity)?;
+        let token = self
+            .broker
+            .get_api_token(&session_token, &api, min_validity)
+            .await?;
+        Ok(Response::new(token.into()))
     }
-
     async fn logout(&self, _request: Request<pb::LogoutRequest>) -> Reply<pb::LogoutResponse> {
         Err(Status::unimplemented("Logout is not available yet"))
     }
