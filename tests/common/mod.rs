@@ -4,12 +4,15 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 use cis2_session_broker::config::Config;
+use cis2_session_broker::config::Pattern;
 use cis2_session_broker::grpc::pb;
 use cis2_session_broker::grpc::pb::session_broker_client::SessionBrokerClient;
 use cis2_session_broker::server::{self, App};
 use cis2_session_broker::session::KeyRing;
 use cis2_session_broker::signing::SigningKeys;
-use cis2_session_broker::sim::{Cis2Simulator, SimClient, SimOptions};
+use cis2_session_broker::sim::{
+    ApimApp, ApimOptions, ApimSimulator, Cis2Simulator, SimClient, SimOptions,
+};
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -101,8 +104,11 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// The broker's clock; `None`: the system clock.
     pub clock: Option<std::sync::Arc<dyn cis2_session_broker::clock::Clock>>,
+    /// Run the APIM simulator and configure `[apim]` with this pattern.
+    pub apim: Option<Pattern>,
+    /// The APIM simulator's access token lifetime (default 599 s).
+    pub apim_access_token_ttl: Option<std::time::Duration>,
 }
-
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -116,10 +122,28 @@ impl Default for Options {
             client_tls: None,
             env: Vec::new(),
             clock: None,
+            apim: None,
+            apim_access_token_ttl: None,
         }
     }
 }
 
+pub const API_KEY: &str = "e2e-api-key";
+pub const APIM_SECRET: &str = "e2e-apim-secret-8d41c2";
+
+/// Another broker replica on the same store and configuration as a harness.
+pub struct Replica {
+    pub client: Client,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Replica {
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.server.await;
+    }
+}
 pub struct Harness {
     pub sim: Cis2Simulator,
     pub grpc_addr: SocketAddr,
@@ -131,6 +155,10 @@ pub struct Harness {
     pub key_prefix: String,
     pub redis_url: String,
     pub app: App,
+    /// The APIM simulator, when `Options::apim` asked for one.
+    pub apim: Option<ApimSimulator>,
+    config: Config,
+    clock: std::sync::Arc<dyn cis2_session_broker::clock::Clock>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -171,6 +199,46 @@ impl Harness {
         .await
         .expect("simulator starts");
 
+        let apim = match opts.apim {
+            Some(_) => {
+                let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind APIM");
+                let mut apim_opts = ApimOptions::for_cis2(&sim);
+                apim_opts.apps = vec![ApimApp {
+                    api_key: API_KEY.into(),
+                    client_secret: Some(APIM_SECRET.into()),
+                    jwks: Some(signing.public_jwks()),
+                    redirect_uris: vec![CALLBACK.into()],
+                    apis: vec![
+                        "personal-demographics-service".into(),
+                        "summary-care-record".into(),
+                        "electronic-prescription-service@aal3".into(),
+                    ],
+                }];
+                if let Some(ttl) = opts.apim_access_token_ttl {
+                    apim_opts.access_token_ttl = ttl;
+                }
+                Some(
+                    ApimSimulator::start(listener, apim_opts)
+                        .await
+                        .expect("APIM simulator starts"),
+                )
+            }
+            None => None,
+        };
+        let apim_toml = match (&apim, opts.apim) {
+            (Some(a), Some(pattern)) => format!(
+                "[apim]\npattern = {:?}\ntoken_url = {:?}\nauthorize_url = {:?}\napi_key = {API_KEY:?}\nclient_secret = {APIM_SECRET:?}\nhttp_timeout = \"3s\"\nlock_lease = \"1s\"\n",
+                if pattern == Pattern::Combined {
+                    "combined"
+                } else {
+                    "separate"
+                },
+                a.token_url(),
+                a.authorize_url(),
+            ),
+            _ => String::new(),
+        };
+
         let key_prefix = format!("e2e-{}:", random_suffix());
         let redis_url = opts.redis_url.clone().unwrap_or_else(redis_url);
         let store = match opts.store {
@@ -203,8 +271,8 @@ client_id = {CLIENT_ID:?}
 {auth}
 redirect_uris = [{CALLBACK:?}]
 http_timeout = "3s"
-jwks_min_refresh_interval = "1s"
-{extra}
+jwks_min_refresh_interval = "1s"{extra}
+{apim_toml}
 {callers}
 "#,
             discovery = sim.discovery_url(),
@@ -234,7 +302,7 @@ jwks_min_refresh_interval = "1s"
             .clock
             .clone()
             .unwrap_or_else(|| std::sync::Arc::new(cis2_session_broker::clock::SystemClock));
-        let app = server::build(&config, clock).expect("broker builds");
+        let app = server::build(&config, clock.clone()).expect("broker builds");
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
         let grpc_addr = grpc.local_addr().expect("bound");
@@ -260,6 +328,9 @@ jwks_min_refresh_interval = "1s"
         let channel = endpoint.connect().await.expect("connect to broker");
         Harness {
             sim,
+            apim,
+            config,
+            clock: clock.clone(),
             grpc_addr,
             http_addr,
             client: SessionBrokerClient::with_interceptor(
@@ -275,6 +346,79 @@ jwks_min_refresh_interval = "1s"
         }
     }
 
+    /// A second broker on the same configuration and store: another replica.
+    pub async fn replica(&self) -> Replica {
+        let app = server::build(&self.config, self.clock.clone()).expect("replica builds");
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
+        let addr = grpc.local_addr().expect("bound");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            server::run(app, grpc, http, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("replica runs");
+        });
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("valid URI")
+            .connect()
+            .await
+            .expect("connect to replica");
+        Replica {
+            client: SessionBrokerClient::with_interceptor(
+                channel,
+                BearerToken::new(Some(CALLER_TOKEN)),
+            ),
+            stop,
+            server,
+        }
+    }
+
+    /// Follows redirects from `authorization_url` (APIM, then CIS2, then APIM again in the
+    /// combined pattern) until the browser would land on the callback.
+    pub async fn follow_to_callback(
+        &self,
+        authorization_url: &str,
+        uid: &str,
+        amr: Option<&str>,
+    ) -> Callback {
+        let mut url = Url::parse(authorization_url).expect("authorization_url is a URL");
+        url.query_pairs_mut().append_pair("login_hint", uid);
+        if let Some(amr) = amr {
+            url.query_pairs_mut().append_pair("sim_authenticator", amr);
+        }
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let mut next = url.to_string();
+        for _ in 0..8 {
+            if next.starts_with(CALLBACK) {
+                return Callback::from_url(&next);
+            }
+            let resp = http.get(&next).send().await.expect("answers");
+            assert!(
+                resp.status().is_redirection(),
+                "no redirect from {next}: {}",
+                resp.status()
+            );
+            let location = resp
+                .headers()
+                .get("location")
+                .expect("Location")
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            next = Url::parse(&next)
+                .expect("url")
+                .join(&location)
+                .expect("location")
+                .to_string();
+        }
+        panic!("too many redirects");
+    }
+
     /// A client on the harness's connection that sends `token` (or no credential at all).
     pub fn client_with_token(&self, token: Option<&str>) -> Client {
         SessionBrokerClient::with_interceptor(self.channel.clone(), BearerToken::new(token))
@@ -288,6 +432,9 @@ jwks_min_refresh_interval = "1s"
             let _ = server.await;
         }
         self.sim.shutdown();
+        if let Some(apim) = &self.apim {
+            apim.shutdown();
+        }
     }
 
     pub async fn start_login(
