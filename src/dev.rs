@@ -8,7 +8,7 @@ use crate::secret::Secret;
 use crate::server::{self, StartupError};
 use crate::session::KeyRing;
 use crate::signing::{SigningKeys, generate_private_pem};
-use crate::sim::{Cis2Simulator, SimClient, SimOptions};
+use crate::sim::{ApimApp, ApimOptions, ApimSimulator, Cis2Simulator, SimClient, SimOptions};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -17,7 +17,20 @@ pub struct DevOptions {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub sim_addr: SocketAddr,
+    /// Where the APIM simulator listens.
+    pub apim_addr: SocketAddr,
     pub redis_url: Option<String>,
+}
+
+/// The simulated APIM application dev mode signs in as.
+const DEV_API_KEY: &str = "session-broker-dev-api-key";
+
+/// Where dev mode's simulators are, for the generated configuration.
+pub struct DevEndpoints<'a> {
+    pub issuer: &'a str,
+    pub discovery_url: &'a str,
+    pub callback: &'a str,
+    pub apim_token_url: &'a str,
 }
 
 pub const DEV_CLIENT_ID: &str = "session-broker-dev";
@@ -30,12 +43,16 @@ pub const DEV_CALLER: &str = "dev";
 /// production file. `caller_token_sha256` is the hash of the caller token dev mode prints.
 pub fn dev_config(
     opts: &DevOptions,
-    issuer: &str,
-    discovery_url: &str,
-    callback: &str,
+    at: &DevEndpoints<'_>,
     signing_pem: &Secret<String>,
     caller_token_sha256: &str,
 ) -> Result<Config, StartupError> {
+    let DevEndpoints {
+        issuer,
+        discovery_url,
+        callback,
+        apim_token_url,
+    } = at;
     let store = match &opts.redis_url {
         Some(url) => format!("kind = \"redis\"\nurl = {url:?}\nkey_prefix = \"sb-dev:\""),
         None => "kind = \"memory\"".to_owned(),
@@ -58,6 +75,13 @@ client_id = "{DEV_CLIENT_ID}"
 client_auth = "private_key_jwt"
 redirect_uris = ["{callback}"]
 http_timeout = "5s"
+
+[apim]
+pattern = "separate"
+token_url = "{apim_token_url}"
+api_key = "{DEV_API_KEY}"
+http_timeout = "5s"
+end_user_organisation_header = true
 
 [[callers]]
 name = "{DEV_CALLER}"
@@ -92,6 +116,7 @@ pub async fn run(
     if !opts.grpc_addr.ip().is_loopback()
         || !opts.http_addr.ip().is_loopback()
         || !opts.sim_addr.ip().is_loopback()
+        || !opts.apim_addr.ip().is_loopback()
     {
         return Err(StartupError::Config(
             "dev mode listens on loopback addresses only".into(),
@@ -101,15 +126,17 @@ pub async fn run(
         grpc: TcpListener::bind(opts.grpc_addr).await?,
         http: TcpListener::bind(opts.http_addr).await?,
         sim: TcpListener::bind(opts.sim_addr).await?,
+        apim: TcpListener::bind(opts.apim_addr).await?,
     };
     serve(listeners, &opts, shutdown).await
 }
 
-/// Dev mode's three listeners, bound by the caller (tests bind port 0).
+/// Dev mode's listeners, bound by the caller (tests bind port 0).
 pub struct DevListeners {
     pub grpc: TcpListener,
     pub http: TcpListener,
     pub sim: TcpListener,
+    pub apim: TcpListener,
 }
 
 /// Runs dev mode on listeners already bound.
@@ -122,6 +149,7 @@ pub async fn serve(
         grpc,
         http,
         sim: sim_listener,
+        apim: apim_listener,
     } = listeners;
     let callback = format!("http://{}/dev/callback", http.local_addr()?);
 
@@ -143,16 +171,32 @@ pub async fn serve(
     )
     .await?;
 
+    let mut apim_options = ApimOptions::for_cis2(&sim);
+    apim_options.apps = vec![ApimApp {
+        api_key: DEV_API_KEY.into(),
+        client_secret: None,
+        jwks: Some(signing.public_jwks()),
+        redirect_uris: Vec::new(),
+        apis: vec![
+            "personal-demographics-service".into(),
+            "summary-care-record".into(),
+            "e-referrals-service".into(),
+            "electronic-prescription-service@aal3".into(),
+            "prescription-tracker@aal3".into(),
+        ],
+    }];
+    let apim = ApimSimulator::start(apim_listener, apim_options).await?;
+
     // A fresh caller token each run: printed below, so only whoever started dev mode has it.
     let (caller_token, caller_hash) = crate::grpc::auth::new_token();
-    let config = dev_config(
-        opts,
-        sim.issuer(),
-        &sim.discovery_url(),
-        &callback,
-        &pem,
-        &caller_hash,
-    )?;
+    let endpoints = DevEndpoints {
+        issuer: sim.issuer(),
+        discovery_url: &sim.discovery_url(),
+        callback: &callback,
+        apim_token_url: &apim.token_url(),
+    };
+    let config = dev_config(opts, &endpoints, &pem, &caller_hash)?;
+
     let mut app = server::build_default(&config)?;
     app.dev = Some(Arc::new(DevPages {
         callback_url: callback.clone(),
@@ -169,6 +213,7 @@ pub async fn serve(
     );
     let result = server::run(app, grpc, http, shutdown).await;
     sim.shutdown();
+    apim.shutdown();
     result
 }
 

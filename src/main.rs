@@ -40,6 +40,9 @@ enum Command {
         /// Where the CIS2 simulator listens.
         #[arg(long, default_value = "127.0.0.1:8081")]
         sim_addr: SocketAddr,
+        /// Where the APIM simulator listens.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        apim_addr: SocketAddr,
     },
     /// Check a configuration file and print every problem in it.
     CheckConfig { file: PathBuf },
@@ -125,6 +128,7 @@ fn main() -> ExitCode {
             grpc_addr,
             http_addr,
             sim_addr,
+            apim_addr,
         } => runtime(
             LogFormat::Text,
             dev::run(
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
                     grpc_addr,
                     http_addr,
                     sim_addr,
+                    apim_addr,
                     redis_url: redis,
                 },
                 shutdown_signal(),

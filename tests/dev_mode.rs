@@ -58,12 +58,14 @@ async fn the_walk_through_signs_in_and_steps_up_in_a_browser_like_client() {
         grpc: bind().await,
         http: bind().await,
         sim: bind().await,
+        apim: bind().await,
     };
     let http_addr = listeners.http.local_addr().expect("bound");
     let opts = DevOptions {
         grpc_addr: listeners.grpc.local_addr().expect("bound"),
         http_addr,
         sim_addr: listeners.sim.local_addr().expect("bound"),
+        apim_addr: listeners.apim.local_addr().expect("bound"),
         redis_url: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -108,6 +110,15 @@ async fn the_walk_through_signs_in_and_steps_up_in_a_browser_like_client() {
         "{page}"
     );
 
+    let pds = get(&http, &cookie, format!("{base}/dev/token?api=pds")).await;
+    assert!(pds.contains("id=\"token-aal\">AAL2<"), "{pds}");
+    assert!(pds.contains("NHSD-Session-URID"), "{pds}");
+    let eps = get(&http, &cookie, format!("{base}/dev/token?api=eps")).await;
+    assert!(
+        eps.contains("id=\"step-up-needed\"") && eps.contains("smartcard"),
+        "{eps}"
+    );
+
     let check = http
         .get(format!("{base}/dev/check?api=eps"))
         .header("cookie", cookie.as_str())
@@ -143,7 +154,20 @@ async fn the_walk_through_signs_in_and_steps_up_in_a_browser_like_client() {
         .await
         .expect("body");
     assert!(check.contains("id=\"allowed\""), "{check}");
+    let eps = get(&http, &cookie, format!("{base}/dev/token?api=eps")).await;
+    assert!(eps.contains("id=\"token-aal\">AAL3<"), "{eps}");
 
     let _ = stop.send(());
     server.await.expect("dev mode stops cleanly");
+}
+
+async fn get(http: &reqwest::Client, cookie: &str, url: String) -> String {
+    http.get(url)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("answers")
+        .text()
+        .await
+        .expect("body")
 }

@@ -42,6 +42,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(
         .route("/dev/login", get(login))
         .route("/dev/callback", get(callback))
         .route("/dev/check", get(check))
+        .route("/dev/token", get(token))
         .with_state(DevState { pages, broker })
 }
 
@@ -174,19 +175,69 @@ async fn check(
             &format!(r#"<div class="card" id="allowed"><p>This session may use <b>{}</b> now.</p><a class="button secondary" href="/dev">Back</a></div>"#, esc(&c.api)),
         )
         .into_response(),
-        Ok(c) => page(
-            "A stronger sign-in is needed",
-            &format!(
-                r#"<div class="card error" id="step-up-needed"><p>{}</p>
-<a class="button" id="step-up" href="/dev/login?api={}&amp;step_up=true">Sign in again</a>
-<a class="button secondary" href="/dev">Back</a></div>"#,
-                esc(&c.message),
-                esc(&c.api)
-            ),
-        )
-        .into_response(),
+        Ok(c) => step_up_page(&c.message, &c.api),
         Err(e) => error_page(e),
     }
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    api: String,
+}
+
+/// Asks for an APIM token as a backend would; a step-up answer shows what the clinician sees.
+async fn token(
+    State(s): State<DevState>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    let Some(session) = cookie(&headers) else {
+        return error_page(BrokerError::SessionInvalid);
+    };
+    match s.broker.get_api_token(&session, &q.api, None).await {
+        Ok(t) => {
+            let header_rows: String = t
+                .headers
+                .iter()
+                .map(|(k, v)| format!("<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(v)))
+                .collect();
+            // Even in dev mode only a prefix is shown: enough to tell tokens apart.
+            let prefix: String = t.access_token.expose().chars().take(8).collect();
+            page(
+                "APIM token",
+                &format!(
+                    r#"<div class="card" id="token"><p>An APIM access token for <b>{api}</b>, minted at <span id="token-aal">{aal}</span>.</p><table>
+<tr><th>Token</th><td>{prefix}&hellip; ({token_type})</td></tr>
+<tr><th>Expires at (Unix s)</th><td>{expires}</td></tr>{header_rows}</table>
+<p><a class="button" id="try-eps" href="/dev/token?api=eps">Get a prescribing (EPS) token</a>
+<a class="button secondary" href="/dev">Start again</a></p></div>"#,
+                    api = esc(&t.api),
+                    aal = esc(&t.aal.to_string()),
+                    prefix = esc(&prefix),
+                    token_type = esc(&t.token_type),
+                    expires = unix_seconds(t.expires_at),
+                ),
+            )
+            .into_response()
+        }
+        Err(BrokerError::StepUpRequired { api, message, .. }) => step_up_page(&message, &api),
+        Err(e) => error_page(e),
+    }
+}
+
+/// What a clinician sees when a task needs a stronger sign-in, with the step-up button.
+fn step_up_page(message: &str, api: &str) -> Response {
+    page(
+        "A stronger sign-in is needed",
+        &format!(
+            r#"<div class="card error" id="step-up-needed"><p>{}</p>
+<a class="button" id="step-up" href="/dev/login?api={}&amp;step_up=true">Sign in again</a>
+<a class="button secondary" href="/dev">Back</a></div>"#,
+            esc(message),
+            esc(api)
+        ),
+    )
+    .into_response()
 }
 
 fn session_html(v: &SessionView, headline: &str, token: Option<&str>, grpc: &str) -> String {
@@ -211,8 +262,9 @@ fn session_html(v: &SessionView, headline: &str, token: Option<&str>, grpc: &str
 <tr><th>Idle timeout at (Unix s)</th><td>{idle}</td></tr>
 <tr><th>Session ends at (Unix s)</th><td>{ends}</td></tr>
 <tr><th>Session id</th><td>{sid}</td></tr></table>
-<p><a class="button" id="try-eps" href="/dev/check?api=eps">Try a prescribing task (EPS)</a>
-<a class="button secondary" href="/dev/check?api=pds">Try a PDS lookup</a>
+<p><a class="button" id="get-pds" href="/dev/token?api=pds">Get a PDS token</a>
+<a class="button" id="try-eps" href="/dev/token?api=eps">Get a prescribing (EPS) token</a>
+<a class="button secondary" href="/dev/check?api=eps">Check EPS access</a>
 <a class="button secondary" href="/dev">Start again</a></p></div>
 <div class="card"><h2>Try it over gRPC</h2><pre>grpcurl -plaintext -d '{{"session_token":"{token}"}}' {grpc} session_broker.v1.SessionBroker/GetCurrentAal
 grpcurl -plaintext -d '{{"session_token":"{token}"}}' {grpc} session_broker.v1.SessionBroker/GetSession
