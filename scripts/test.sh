@@ -94,4 +94,37 @@ BROKER__ENCRYPTION__KEYS="check:$(head -c 32 /dev/urandom | base64)" \
   BROKER__STORE__URL="redis://redis:6379" \
   cargo run --quiet --locked --bin session-broker -- check-config "$work/broker.toml"
 
+# Debian's Chromium for the browser walk-through: prints its path, or fails when it is neither
+# installed nor installable (not root, or no apt-get).
+chromium_path() {
+  if [ -x /usr/bin/chromium ]; then echo /usr/bin/chromium; return; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing chromium from Debian's packages" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || return 1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || return 1
+    [ -x /usr/bin/chromium ] && echo /usr/bin/chromium && return
+  fi
+  return 1
+}
+
+say "session-broker dev for the client journeys and the browser walk-through"
+cargo build --locked --bin session-broker
+broker_bin="$PWD/target/debug/session-broker"
+
+say "Python journey (grpcio; stubs generated from proto/) in a throwaway virtualenv"
+python3 -m venv "$work/py-client-venv"
+"$work/py-client-venv/bin/pip" install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+"$work/py-client-venv/bin/python" examples/python/journey.py --broker "$broker_bin"
+
+say "Node journey (@grpc/grpc-js; npm ci from the committed lockfile)"
+(cd examples/node && npm ci --no-audit --no-fund --loglevel=error && node journey.js --broker "$broker_bin")
+
+say "browser walk-through: headless Chromium driven by playwright-core"
+if chromium=$(chromium_path); then
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error &&
+    CHROMIUM="$chromium" node walkthrough.js --broker "$broker_bin")
+else
+  echo "SKIPPED: browser walk-through: Chromium is not installed and cannot be installed here (needs root and apt-get)"
+fi
+
 say "all checks passed"
