@@ -88,10 +88,8 @@ pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartupError
     let keys = Arc::new(keys);
     let tokens = match &config.apim {
         Some(apim) => {
-            let signing = signing.clone().ok_or_else(|| {
-                StartupError::Config("apim: client assertions need [[signing.keys]]".into())
-            })?;
-            let client = ApimClient::new(apim, signing, clock.clone())
+            // Config validation already demands signing keys for the separate pattern.
+            let client = ApimClient::new(apim, signing.clone(), clock.clone())
                 .map_err(|e| StartupError::Config(format!("apim: {e}")))?;
             Some(TokenService::new(
                 store.clone(),

@@ -580,7 +580,7 @@ impl Replica {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let client = ApimClient::new(
             &apim_config(standin.token_url(), options),
-            shared.signing.clone(),
+            Some(shared.signing.clone()),
             clock.clone(),
         )
         .expect("the test APIM settings are valid");

@@ -101,7 +101,8 @@ struct Inner {
     api_key: String,
     client_secret: Option<Secret<String>>,
     http_timeout: Duration,
-    keys: Arc<SigningKeys>,
+    /// Signs client assertions; only the separate pattern's token exchange needs them.
+    keys: Option<Arc<SigningKeys>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -137,7 +138,7 @@ impl ApimClient {
     /// Builds the HTTP client (no redirects, `http_timeout` per request); no network I/O.
     pub fn new(
         config: &ApimConfig,
-        keys: Arc<SigningKeys>,
+        keys: Option<Arc<SigningKeys>>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ApimError> {
         if config.api_key.trim().is_empty() {
@@ -187,8 +188,12 @@ impl ApimClient {
     /// RFC 8693: exchanges a CIS2 ID token for an APIM access token (separate pattern).
     pub async fn exchange_id_token(&self, id_token: &str) -> Result<TokenGrant, ApimError> {
         let inner = &self.inner;
-        let assertion = inner
-            .keys
+        let keys = inner.keys.as_ref().ok_or_else(|| {
+            ApimError::Misconfigured(
+                "token exchange signs a client assertion: add [[signing.keys]]".into(),
+            )
+        })?;
+        let assertion = keys
             .client_assertion(
                 &inner.api_key,
                 inner.token_url.as_str(),
