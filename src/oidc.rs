@@ -23,7 +23,9 @@ pub mod pkce;
 #[cfg(test)]
 mod tests;
 
-pub use claims::{ClaimRules, IdTokenClaims, IdTokenExpectations, Rejection, UserInfo};
+pub use claims::{
+    ClaimRules, IdTokenClaims, IdTokenExpectations, LogoutTokenClaims, Rejection, UserInfo,
+};
 pub use client::{AuthorizationRequest, Cis2Client, TokenSet};
 
 use crate::secret::Secret;

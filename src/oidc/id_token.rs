@@ -55,6 +55,29 @@ pub fn parse_header(token: &str) -> Result<JoseHeader, Rejection> {
     }
 }
 
+/// The header's `typ`, which a logout token must set to `logout+jwt` when it sets one (Back-Channel
+/// Logout 1.0 §2.4); `JWT` is accepted too, as providers that predate the rule send it. Compared
+/// case-insensitively, with the optional `application/` prefix (RFC 7515 §4.1.9).
+pub fn check_logout_typ(token: &str) -> Result<(), Rejection> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Rejection::MalformedJwt);
+    }
+    let header = token.split('.').next().unwrap_or_default();
+    match header_json(header)?.get("typ") {
+        None => Ok(()),
+        Some(Value::String(typ)) => {
+            let lower = typ.to_ascii_lowercase();
+            let bare = lower.strip_prefix("application/").unwrap_or(&lower);
+            if bare == "logout+jwt" || bare == "jwt" {
+                Ok(())
+            } else {
+                Err(Rejection::WrongType)
+            }
+        }
+        Some(_) => Err(Rejection::WrongType),
+    }
+}
+
 fn header_json(encoded: &str) -> Result<serde_json::Map<String, Value>, Rejection> {
     let bytes = URL_SAFE_NO_PAD
         .decode(encoded)

@@ -9,7 +9,7 @@
 //! is what makes take-once and create-if-absent atomic. State is not shared between processes:
 //! this store is for a single replica only.
 
-use super::store::{SessionStore, StoreError, StoredSession};
+use super::store::{IndexKind, SessionStore, StoreError, StoredSession};
 use super::token::{LoginKey, SessionId};
 use crate::clock::Clock;
 use std::collections::HashMap;
@@ -37,6 +37,10 @@ struct State {
     sessions: HashMap<SessionId, Entry>,
     tokens: HashMap<SessionId, TokenCache>,
     locks: HashMap<(SessionId, String), Lock>,
+    /// Index entries, each with its own deadline, as in Redis.
+    indexes: HashMap<(IndexKind, String), HashMap<SessionId, SystemTime>>,
+    /// One-time markers (logout token `jti`s) and their deadlines.
+    once: HashMap<String, SystemTime>,
     writes_since_sweep: u32,
 }
 
@@ -146,6 +150,11 @@ impl State {
         self.sessions.retain(|_, e| e.is_live(now));
         self.tokens.retain(|_, c| c.is_live(now));
         self.locks.retain(|_, l| l.is_live(now));
+        self.once.retain(|_, until| now < *until);
+        for entries in self.indexes.values_mut() {
+            entries.retain(|_, until| now < *until);
+        }
+        self.indexes.retain(|_, entries| !entries.is_empty());
         self.writes_since_sweep = 0;
     }
 
@@ -429,6 +438,72 @@ impl SessionStore for MemoryStore {
 
     async fn lock_held(&self, id: &SessionId, name: &str) -> Result<bool, StoreError> {
         Ok(self.with_state(|state, now| state.live_lock(&lock_key(id, name), now).is_some()))
+    }
+
+    async fn index_add(
+        &self,
+        kind: IndexKind,
+        value: &str,
+        id: &SessionId,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.with_state(|state, now| {
+            let until = deadline(now, ttl);
+            let entries = state.indexes.entry((kind, value.to_owned())).or_default();
+            let entry = entries.entry(id.clone()).or_insert(until);
+            // Never shorten an entry: its session may still need it.
+            *entry = (*entry).max(until);
+            state.note_write(now);
+        });
+        Ok(())
+    }
+
+    async fn index_remove(
+        &self,
+        kind: IndexKind,
+        value: &str,
+        id: &SessionId,
+    ) -> Result<(), StoreError> {
+        self.with_state(|state, _| {
+            let key = (kind, value.to_owned());
+            if let Some(entries) = state.indexes.get_mut(&key) {
+                entries.remove(id);
+                if entries.is_empty() {
+                    state.indexes.remove(&key);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn index_members(
+        &self,
+        kind: IndexKind,
+        value: &str,
+    ) -> Result<Vec<SessionId>, StoreError> {
+        Ok(self.with_state(|state, now| {
+            let key = (kind, value.to_owned());
+            let Some(entries) = state.indexes.get_mut(&key) else {
+                return Vec::new();
+            };
+            entries.retain(|_, until| now < *until);
+            let ids = entries.keys().cloned().collect();
+            if entries.is_empty() {
+                state.indexes.remove(&key);
+            }
+            ids
+        }))
+    }
+
+    async fn first_use(&self, marker: &str, ttl: Duration) -> Result<bool, StoreError> {
+        Ok(self.with_state(|state, now| {
+            if state.once.get(marker).is_some_and(|until| now < *until) {
+                return false;
+            }
+            state.once.insert(marker.to_owned(), deadline(now, ttl));
+            state.note_write(now);
+            true
+        }))
     }
 }
 

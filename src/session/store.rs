@@ -23,6 +23,37 @@ impl From<StoreError> for crate::error::BrokerError {
     }
 }
 
+/// The indexes that find sessions by something other than their id: back-channel logout finds
+/// them by CIS2 `sid`, the admin RPCs by user. Stores key them by a hash of the value, so no key
+/// names a user or a CIS2 session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IndexKind {
+    /// CIS2's session id (`sid`) -> the broker sessions it signed in.
+    Cis2Sid,
+    /// The CIS2 user id (`sub`/`uid`) -> that user's broker sessions.
+    User,
+}
+
+impl IndexKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexKind::Cis2Sid => "sid",
+            IndexKind::User => "uid",
+        }
+    }
+}
+
+/// The hex SHA-256 of `kind:value`: what stores key an index or a one-time marker by.
+pub fn hashed(kind: &str, value: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(kind.as_bytes())
+        .chain_update(b":")
+        .chain_update(value.as_bytes())
+        .finalize();
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A session as read from the store: its sealed record and how long until it expires (the idle
 /// deadline, never later than the absolute one).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,4 +172,58 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Whether anyone holds the lock: lets a waiter notice that a holder gave up.
     async fn lock_held(&self, id: &SessionId, name: &str) -> Result<bool, StoreError>;
+
+    // ---- indexes ------------------------------------------------------------------------------
+    //
+    // Index entries live in other keys (in Redis Cluster, other slots) than their session, so
+    // they cannot be written in one transaction with it. They are therefore only hints: each
+    // entry carries its own deadline (never before its session's absolute end), expired entries
+    // are pruned on read, and the caller treats an entry whose session is gone as absent. The
+    // defaults suit test doubles that keep no indexes: writes do nothing and reads fail closed.
+
+    /// Adds `id` to the index `kind`/`value`, for at least `ttl` (pass the session's absolute
+    /// end, so sliding its idle deadline never outlives the entry).
+    async fn index_add(
+        &self,
+        kind: IndexKind,
+        value: &str,
+        id: &SessionId,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let _ = (kind, value, id, ttl);
+        Ok(())
+    }
+
+    /// Removes `id` from the index `kind`/`value`; removing an absent entry is not an error.
+    async fn index_remove(
+        &self,
+        kind: IndexKind,
+        value: &str,
+        id: &SessionId,
+    ) -> Result<(), StoreError> {
+        let _ = (kind, value, id);
+        Ok(())
+    }
+
+    /// The session ids under `kind`/`value` whose entries have not expired, in no set order.
+    /// Their sessions may be gone: callers check.
+    async fn index_members(
+        &self,
+        kind: IndexKind,
+        value: &str,
+    ) -> Result<Vec<SessionId>, StoreError> {
+        let _ = (kind, value);
+        Err(StoreError::Unavailable(
+            "this store keeps no session indexes".into(),
+        ))
+    }
+
+    /// Records `marker` (e.g. a hash of a logout token's `jti`) for `ttl`. True the first time,
+    /// false while it is remembered: one replica of any number wins.
+    async fn first_use(&self, marker: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let _ = (marker, ttl);
+        Err(StoreError::Unavailable(
+            "this store cannot remember one-time values".into(),
+        ))
+    }
 }
