@@ -31,10 +31,14 @@
 //! Connecting is bounded by `connect_timeout` and each command by `command_timeout`. Any Redis error
 //! or timeout becomes [`StoreError::Unavailable`] with a cause that names neither keys nor values.
 
+mod conn;
+
+pub use conn::{Mode as RedisMode, Topology as RedisTopology};
+
 use super::store::{SessionStore, StoreError, StoredSession};
 use super::token::{LoginKey, SessionId};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError, Script, Value};
+use conn::{Conn, Connector, redact_url};
+use redis::{RedisError, Script, Value};
 use std::fmt;
 use std::future::Future;
 use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError};
@@ -104,7 +108,7 @@ impl fmt::Debug for RedisSettings {
 }
 
 pub struct RedisStore {
-    client: Client,
+    connector: Connector,
     connection: Mutex<Slot>,
     /// Serialises connecting, so a burst of calls after an outage opens one connection, not many.
     connecting: tokio::sync::Mutex<()>,
@@ -124,12 +128,6 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-/// Reconnection attempts inside one connect. Kept low: the caller's timeout bounds the attempt
-/// anyway, and the next operation tries again.
-const CONNECT_RETRIES: usize = 1;
-const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(50);
-const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
-
 impl RedisStore {
     /// Checks the settings without connecting. Errors name the problem, never the URL (it may
     /// carry a password).
@@ -140,14 +138,12 @@ impl RedisStore {
             connect_timeout,
             command_timeout,
         } = settings;
-        check_url(&url).map_err(invalid)?;
         check_prefix(&key_prefix).map_err(invalid)?;
         check_timeout("connect_timeout", connect_timeout).map_err(invalid)?;
         check_timeout("command_timeout", command_timeout).map_err(invalid)?;
-        let client = Client::open(url.as_str())
-            .map_err(|e| invalid(format!("the Redis client refused the URL: {e}")))?;
+        let connector = Connector::new(&url, connect_timeout, command_timeout).map_err(invalid)?;
         Ok(RedisStore {
-            client,
+            connector,
             connection: Mutex::new(Slot::default()),
             connecting: tokio::sync::Mutex::new(()),
             key_prefix,
@@ -179,10 +175,8 @@ impl RedisStore {
             if let Some(current) = self.slot().current.clone() {
                 return Ok(current);
             }
-            let manager =
-                ConnectionManager::new_with_config(self.client.clone(), self.manager_config())
-                    .await?;
-            Ok(self.slot().install(manager))
+            let conn = self.connector.connect().await?;
+            Ok(self.slot().install(conn))
         };
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(connected)) => Ok(connected),
@@ -191,19 +185,10 @@ impl RedisStore {
         }
     }
 
-    fn manager_config(&self) -> ConnectionManagerConfig {
-        ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.command_timeout))
-            .set_number_of_retries(CONNECT_RETRIES)
-            .set_min_delay(RECONNECT_MIN_DELAY)
-            .set_max_delay(RECONNECT_MAX_DELAY)
-    }
-
     /// Runs one command (or pipeline) under `command_timeout`, connecting first if need be.
     async fn run<T, F, Fut>(&self, op: &'static str, send: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let Connected {
@@ -217,7 +202,7 @@ impl RedisStore {
             Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
         };
         outcome.map_err(|e| {
-            if e.is_timeout() {
+            if self.connector.must_reconnect(&e) {
                 self.slot().forget(generation);
             }
             unavailable(op, &e)
@@ -532,11 +517,11 @@ struct Slot {
 #[derive(Clone)]
 struct Connected {
     generation: u64,
-    manager: ConnectionManager,
+    manager: Conn,
 }
 
 impl Slot {
-    fn install(&mut self, manager: ConnectionManager) -> Connected {
+    fn install(&mut self, manager: Conn) -> Connected {
         self.opened += 1;
         let connected = Connected {
             generation: self.opened,
@@ -653,17 +638,6 @@ fn invalid(problem: String) -> StoreError {
     StoreError::Unavailable(format!("invalid Redis settings: {problem}"))
 }
 
-fn check_url(raw: &str) -> Result<(), String> {
-    let url = url::Url::parse(raw).map_err(|e| format!("the URL does not parse ({e})"))?;
-    if !matches!(url.scheme(), "redis" | "rediss") {
-        return Err("the URL scheme must be redis:// or rediss://".into());
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err("the URL names no host".into());
-    }
-    Ok(())
-}
-
 fn check_prefix(prefix: &str) -> Result<(), String> {
     if prefix.contains(['{', '}']) {
         return Err(
@@ -679,20 +653,6 @@ fn check_timeout(name: &str, value: Duration) -> Result<(), String> {
         return Err(format!("{name} must be greater than zero"));
     }
     Ok(())
-}
-
-/// The URL with any password replaced, for `Debug`.
-fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                // Only fails for URLs that cannot carry credentials, which have none to hide.
-                let _ = url.set_password(Some("redacted"));
-            }
-            url.to_string()
-        }
-        Err(_) => "[unparseable]".into(),
-    }
 }
 
 #[cfg(test)]
@@ -872,11 +832,13 @@ mod tests {
     #[tokio::test]
     async fn a_timed_out_connection_is_forgotten_only_if_still_current() {
         let lazy = || {
-            ConnectionManager::new_lazy_with_config(
-                Client::open("redis://127.0.0.1:1").expect("a valid URL"),
-                ConnectionManagerConfig::new(),
+            Conn::Single(
+                redis::aio::ConnectionManager::new_lazy_with_config(
+                    redis::Client::open("redis://127.0.0.1:1").expect("a valid URL"),
+                    redis::aio::ConnectionManagerConfig::new(),
+                )
+                .expect("a lazy manager does not connect"),
             )
-            .expect("a lazy manager does not connect")
         };
         let mut slot = Slot::default();
         let first = slot.install(lazy()).generation;
