@@ -12,6 +12,7 @@ use crate::oidc::{
 use crate::policy::{self, Access, ApiPolicy, PolicyTable};
 use crate::secret::Secret;
 use crate::session::model::StepUpOf;
+use crate::session::store::{IndexKind, StoredSession};
 use crate::session::token::random_urlsafe;
 use crate::session::{
     KeyRing, LoginKey, PendingLogin, Role, SessionId, SessionRecord, SessionStore, SessionToken,
@@ -100,6 +101,29 @@ pub struct AccessCheck {
     pub required_aal: Aal,
     pub current_aal: Aal,
     pub message: String,
+}
+
+/// `Logout`'s answer.
+#[derive(Debug)]
+pub struct LoggedOut {
+    /// CIS2's end-session URL; it carries the ID token as `id_token_hint`.
+    pub end_session_url: Secret<String>,
+}
+
+/// The longest user id the admin RPCs accept.
+pub const MAX_UID: usize = 64;
+
+fn check_uid(uid: &str) -> Result<()> {
+    if uid.is_empty() {
+        return Err(BrokerError::invalid("uid", "is required"));
+    }
+    if uid.len() > MAX_UID {
+        return Err(BrokerError::invalid(
+            "uid",
+            format!("is longer than {MAX_UID} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// What the broker needs to know of the configuration.
@@ -500,6 +524,11 @@ impl Broker {
         if !self.store.create_session(&id, &sealed, ttl).await? {
             return Err(BrokerError::Internal("session id collision".into()));
         }
+        // A session that back-channel logout or an admin could not find must not exist.
+        if let Err(e) = self.index_session(&id, &record, now).await {
+            let _ = self.store.delete_session(&id).await;
+            return Err(e.into());
+        }
         let view = view(&id, &record, now + ttl);
         Ok((token, view))
     }
@@ -520,6 +549,7 @@ impl Broker {
         record.acr = s.claims.acr;
         record.amr = s.claims.amr;
         record.auth_time = s.claims.auth_time;
+        let old_sid = record.cis2_sid.clone();
         record.cis2_sid = s.claims.sid.or(record.cis2_sid);
         record.id_token = Secret::new(Some(s.id_token.into_inner()));
         record.id_token_expires_at = Some(s.claims.exp);
@@ -543,6 +573,13 @@ impl Broker {
             .await?
         {
             return Err(BrokerError::SessionInvalid);
+        }
+        // The new CIS2 sid must find this session before the step-up counts; the old sid's
+        // entry then only points at a session that no longer has that sid, so it goes.
+        self.index_session(&current.id, &record, now).await?;
+        if let Some(old) = old_sid.filter(|old| Some(old) != record.cis2_sid.as_ref()) {
+            self.unindex_quietly(IndexKind::Cis2Sid, &old, &current.id)
+                .await;
         }
         // Tokens minted at the lower level are keyed by the old generation and never served
         // again; dropping them now just frees the space.
@@ -843,6 +880,233 @@ impl Broker {
             stepped_up: false,
             app_state: pending.app_state,
         })
+    }
+
+    /// Ends a session: its record, its APIM tokens and its index entries go at once for every
+    /// replica, and the answer is where to send the browser to end the CIS2 session too.
+    #[instrument(skip_all, fields(session_id))]
+    pub async fn logout(
+        &self,
+        session_token: &str,
+        post_logout_redirect_uri: Option<&str>,
+    ) -> Result<LoggedOut> {
+        if let Some(uri) = post_logout_redirect_uri {
+            self.check_post_logout_redirect(uri)?;
+        }
+        if session_token.len() > limits::SESSION_TOKEN {
+            return Err(BrokerError::SessionInvalid);
+        }
+        let token = SessionToken::parse(session_token).ok_or(BrokerError::SessionInvalid)?;
+        let id = token.id();
+        tracing::Span::current().record("session_id", id.as_str());
+        let stored = self
+            .store
+            .get_session(&id)
+            .await?
+            .ok_or(BrokerError::SessionInvalid)?;
+        // A record that cannot be opened is still deleted: logout must never leave it behind.
+        let record = self.open_record(&id, &stored);
+        if !self.store.delete_session(&id).await? {
+            return Err(BrokerError::SessionInvalid);
+        }
+        if let Some(record) = &record {
+            self.unindex_record(&id, record).await;
+        }
+        info!(session_id = %id, "signed out");
+        let id_token = record.as_ref().and_then(|r| r.id_token.expose().clone());
+        let url = self
+            .cis2
+            .end_session_url(id_token.as_deref(), post_logout_redirect_uri)
+            .await
+            .map_err(idp_error)?;
+        Ok(LoggedOut {
+            end_session_url: Secret::new(url.to_string()),
+        })
+    }
+
+    fn check_post_logout_redirect(&self, uri: &str) -> Result<()> {
+        if uri.len() > limits::REDIRECT_URI {
+            return Err(BrokerError::invalid(
+                "post_logout_redirect_uri",
+                format!("is longer than {} bytes", limits::REDIRECT_URI),
+            ));
+        }
+        if self
+            .settings
+            .cis2
+            .post_logout_redirect_uris
+            .iter()
+            .any(|u| u == uri)
+        {
+            Ok(())
+        } else {
+            Err(BrokerError::invalid(
+                "post_logout_redirect_uri",
+                "is not one of the broker's configured post-logout redirect URIs",
+            ))
+        }
+    }
+
+    /// Admin: the user's live sessions, without tokens. Reading does not slide their idle timers.
+    #[instrument(skip_all)]
+    pub async fn list_user_sessions(&self, uid: &str) -> Result<Vec<SessionView>> {
+        check_uid(uid)?;
+        let now = self.clock.now();
+        let mut views = Vec::new();
+        for id in self.store.index_members(IndexKind::User, uid).await? {
+            let Some(stored) = self.store.get_session(&id).await? else {
+                self.unindex_quietly(IndexKind::User, uid, &id).await;
+                continue;
+            };
+            match self.open_record(&id, &stored) {
+                Some(record) if record.user.uid == uid && !stored.ttl.is_zero() => {
+                    views.push(view(&id, &record, now + stored.ttl));
+                }
+                _ => {}
+            }
+        }
+        views.sort_by_key(|v| std::cmp::Reverse(v.created_at));
+        Ok(views)
+    }
+
+    /// Admin: signs the user out everywhere. Returns how many sessions ended.
+    #[instrument(skip_all)]
+    pub async fn revoke_user_sessions(&self, uid: &str) -> Result<u32> {
+        check_uid(uid)?;
+        let ids = self.store.index_members(IndexKind::User, uid).await?;
+        let revoked = self
+            .revoke_matching(ids, |record| record.is_none_or(|r| r.user.uid == uid))
+            .await?;
+        info!(revoked, "user signed out everywhere");
+        Ok(revoked)
+    }
+
+    /// Back-channel logout: checks the logout token (signature, claims, replay), then ends the
+    /// sessions of its CIS2 `sid`, or every session of its `sub` when it names no sid. The
+    /// session's APIM tokens go with it: APIM does not follow CIS2 logouts.
+    #[instrument(skip_all)]
+    pub async fn backchannel_logout(&self, logout_token: &str) -> Result<u32> {
+        let claims = self
+            .cis2
+            .validate_logout_token(logout_token)
+            .await
+            .map_err(|e| match e {
+                OidcError::Rejected { detail, .. } => BrokerError::rejected(detail),
+                other => idp_error(other),
+            })?;
+        // Remembered while the token is acceptable, by issuer and jti: a replay is refused on
+        // every replica. Marked before revoking, so a replayed sub-only token cannot end the
+        // user's newer sessions.
+        let now = unix_seconds(self.clock.now());
+        let skew = self.cis2.settings().clock_skew.as_secs();
+        let left = u64::try_from(claims.acceptable_until.saturating_sub(now)).unwrap_or(0);
+        let remember = Duration::from_secs(left.saturating_add(skew).saturating_add(1));
+        let marker = format!("logout-jti:{}:{}", self.cis2.issuer(), claims.jti);
+        if !self.store.first_use(&marker, remember).await? {
+            warn!("logout token replayed");
+            return Err(BrokerError::rejected(
+                "CIS2 logout token refused: its jti was already used",
+            ));
+        }
+        let sub = claims.sub.as_deref();
+        let revoked = match claims.sid.as_deref() {
+            Some(sid) => {
+                let ids = self.store.index_members(IndexKind::Cis2Sid, sid).await?;
+                self.revoke_matching(ids, |record| {
+                    record.is_none_or(|r| {
+                        r.cis2_sid.as_deref() == Some(sid) && sub.is_none_or(|s| s == r.user.uid)
+                    })
+                })
+                .await?
+            }
+            None => {
+                let uid = sub.ok_or_else(|| BrokerError::rejected("no sid or sub"))?;
+                let ids = self.store.index_members(IndexKind::User, uid).await?;
+                self.revoke_matching(ids, |record| record.is_none_or(|r| r.user.uid == uid))
+                    .await?
+            }
+        };
+        info!(
+            revoked,
+            by_sid = claims.sid.is_some(),
+            "back-channel logout"
+        );
+        Ok(revoked)
+    }
+
+    /// Deletes the sessions among `ids` that `matches` accepts (given their record, `None` when
+    /// it cannot be opened: such a session is unusable anyway). Counts those that existed.
+    async fn revoke_matching(
+        &self,
+        ids: Vec<SessionId>,
+        matches: impl Fn(Option<&SessionRecord>) -> bool,
+    ) -> Result<u32> {
+        let mut revoked = 0u32;
+        for id in ids {
+            let Some(stored) = self.store.get_session(&id).await? else {
+                continue;
+            };
+            let record = self.open_record(&id, &stored);
+            if !matches(record.as_ref()) {
+                continue;
+            }
+            if self.store.delete_session(&id).await? {
+                revoked = revoked.saturating_add(1);
+            }
+            if let Some(record) = &record {
+                self.unindex_record(&id, record).await;
+            }
+            info!(session_id = %id, "session revoked");
+        }
+        Ok(revoked)
+    }
+
+    fn open_record(&self, id: &SessionId, stored: &StoredSession) -> Option<SessionRecord> {
+        self.keys
+            .open_json(&stored.sealed, &session_aad(id))
+            .map_err(|e| warn!(session_id = %id, error = %e, "session record could not be opened"))
+            .ok()
+    }
+
+    /// Adds the session to the user and CIS2 sid indexes until its absolute end.
+    async fn index_session(
+        &self,
+        id: &SessionId,
+        record: &SessionRecord,
+        now: SystemTime,
+    ) -> std::result::Result<(), crate::session::StoreError> {
+        let until = from_unix_seconds(record.expires_at)
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO);
+        if !record.user.uid.is_empty() {
+            self.store
+                .index_add(IndexKind::User, &record.user.uid, id, until)
+                .await?;
+        }
+        if let Some(sid) = record.cis2_sid.as_deref().filter(|s| !s.is_empty()) {
+            self.store
+                .index_add(IndexKind::Cis2Sid, sid, id, until)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a revoked session's index entries. A failure is only logged: an entry whose
+    /// session is gone reads as absent, and it expires on its own.
+    async fn unindex_record(&self, id: &SessionId, record: &SessionRecord) {
+        if !record.user.uid.is_empty() {
+            self.unindex_quietly(IndexKind::User, &record.user.uid, id)
+                .await;
+        }
+        if let Some(sid) = record.cis2_sid.as_deref() {
+            self.unindex_quietly(IndexKind::Cis2Sid, sid, id).await;
+        }
+    }
+
+    async fn unindex_quietly(&self, kind: IndexKind, value: &str, id: &SessionId) {
+        if let Err(e) = self.store.index_remove(kind, value, id).await {
+            warn!(session_id = %id, index = kind.as_str(), error = %e, "index entry left to expire");
+        }
     }
 
     /// The store TTL of a session: its idle timeout, never past its absolute end.

@@ -1,6 +1,7 @@
 //! The HTTP port: liveness and readiness, Prometheus metrics, the broker's public JWKS, and (dev
-//! mode only) the walk-through pages. Back-channel logout joins it later.
+//! mode only) the walk-through pages, and CIS2's back-channel logout.
 
+pub mod backchannel;
 pub mod dev;
 
 use crate::server::App;
@@ -15,7 +16,8 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/.well-known/jwks.json", get(jwks));
+        .route("/.well-known/jwks.json", get(jwks))
+        .merge(backchannel::router(app.broker.clone()));
     if let Some(dev) = app.dev.clone() {
         router = router.merge(dev::router(dev, app.broker.clone()));
     }

@@ -4,7 +4,8 @@
 use super::pb;
 use crate::aal::{Aal, AalSource};
 use crate::broker::{
-    AccessCheck, ApiTokenView, ExchangeCode, Exchanged, LoginStarted, SessionView, StartLogin,
+    AccessCheck, ApiTokenView, ExchangeCode, Exchanged, LoggedOut, LoginStarted, SessionView,
+    StartLogin,
 };
 use crate::error::BrokerError;
 use crate::policy::ApiPolicy;
@@ -71,6 +72,14 @@ impl From<ApiTokenView> for pb::ApiToken {
             api,
             aal: aal(level).into(),
             headers: headers.into_iter().collect(),
+        }
+    }
+}
+
+impl From<LoggedOut> for pb::LogoutResponse {
+    fn from(out: LoggedOut) -> Self {
+        pb::LogoutResponse {
+            end_session_url: out.end_session_url.into_inner(),
         }
     }
 }

@@ -93,26 +93,37 @@ impl SessionBroker for BrokerService {
             .await?;
         Ok(Response::new(token.into()))
     }
-    async fn logout(&self, _request: Request<pb::LogoutRequest>) -> Reply<pb::LogoutResponse> {
-        Err(Status::unimplemented("Logout is not available yet"))
+    async fn logout(&self, request: Request<pb::LogoutRequest>) -> Reply<pb::LogoutResponse> {
+        let pb::LogoutRequest {
+            session_token,
+            post_logout_redirect_uri,
+        } = request.into_inner();
+        let redirect = (!post_logout_redirect_uri.is_empty()).then_some(post_logout_redirect_uri);
+        let out = self
+            .broker
+            .logout(&session_token, redirect.as_deref())
+            .await?;
+        Ok(Response::new(out.into()))
     }
 
     async fn list_user_sessions(
         &self,
-        _request: Request<pb::ListUserSessionsRequest>,
+        request: Request<pb::ListUserSessionsRequest>,
     ) -> Reply<pb::ListUserSessionsResponse> {
-        Err(Status::unimplemented(
-            "ListUserSessions is not available yet",
-        ))
+        let pb::ListUserSessionsRequest { uid } = request.into_inner();
+        let sessions = self.broker.list_user_sessions(&uid).await?;
+        Ok(Response::new(pb::ListUserSessionsResponse {
+            sessions: sessions.into_iter().map(pb::Session::from).collect(),
+        }))
     }
 
     async fn revoke_user_sessions(
         &self,
-        _request: Request<pb::RevokeUserSessionsRequest>,
+        request: Request<pb::RevokeUserSessionsRequest>,
     ) -> Reply<pb::RevokeUserSessionsResponse> {
-        Err(Status::unimplemented(
-            "RevokeUserSessions is not available yet",
-        ))
+        let pb::RevokeUserSessionsRequest { uid } = request.into_inner();
+        let revoked = self.broker.revoke_user_sessions(&uid).await?;
+        Ok(Response::new(pb::RevokeUserSessionsResponse { revoked }))
     }
 
     async fn list_api_policies(

@@ -11,6 +11,8 @@
 //! | `{prefix}s:{<session-id>}` | string | a sealed session record; TTL = the idle deadline |
 //! | `{prefix}s:{<session-id>}:tokens` | hash | the session's sealed API token cache; TTL = at least the record's |
 //! | `{prefix}s:{<session-id>}:lock:<name>` | string | a lock's owner (a random value); TTL = its lease |
+//! | `{prefix}idx:sid:<sha256>` / `{prefix}idx:uid:<sha256>` | hash | session id -> deadline (server ms) of the sessions of one CIS2 sid / one user; TTL = its longest entry |
+//! | `{prefix}once:<sha256>` | string | a one-time marker (a logout token's `jti`); TTL = while the token is acceptable |
 //!
 //! The braces around the session id are a Redis Cluster hash tag: every key of one session hashes
 //! to the same slot, so a multi-key command such as the one `DEL` of [`SessionStore::delete_session`]
@@ -35,7 +37,7 @@ mod conn;
 
 pub use conn::{Mode as RedisMode, Topology as RedisTopology};
 
-use super::store::{SessionStore, StoreError, StoredSession};
+use super::store::{IndexKind, SessionStore, StoreError, StoredSession, hashed};
 use super::token::{LoginKey, SessionId};
 use conn::{Conn, Connector, redact_url};
 use redis::{RedisError, Script, Value};
@@ -85,6 +87,49 @@ static RELEASE_LOCK: LazyLock<Script> = LazyLock::new(|| {
         return 0
         ",
     )
+});
+
+/// The server's clock in milliseconds, as Lua sees it: one clock for every replica.
+const LUA_NOW_MS: &str = "local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
+
+/// `index_add`: KEYS = index; ARGV = session id, TTL in ms. The entry's value is its deadline
+/// on the server's clock, never moved earlier; the key lives as long as its longest entry.
+static INDEX_ADD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"
+        {LUA_NOW_MS}
+        local ttl = tonumber(ARGV[2])
+        local deadline = now + ttl
+        local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
+        if old > deadline then deadline = old end
+        redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', deadline))
+        local left = redis.call('PTTL', KEYS[1])
+        if left > ttl then ttl = left end
+        redis.call('PEXPIRE', KEYS[1], ttl)
+        return 1
+        "
+    ))
+});
+
+/// `index_members`: KEYS = index. Prunes expired entries and returns the live session ids.
+static INDEX_MEMBERS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"
+        {LUA_NOW_MS}
+        local all = redis.call('HGETALL', KEYS[1])
+        local live = {{}}
+        for i = 1, #all, 2 do
+            local deadline = tonumber(all[i + 1])
+            if deadline and deadline > now then
+                table.insert(live, all[i])
+            else
+                redis.call('HDEL', KEYS[1], all[i])
+            end
+        end
+        return live
+        "
+    ))
 });
 
 /// How to reach Redis. `url` is `redis://` or `rediss://` (TLS) and may carry `user:password@`.
@@ -493,6 +538,70 @@ impl SessionStore for RedisStore {
         })
         .await
     }
+
+    async fn index_add(
+        &self,
+        kind: IndexKind,
+        value: &str,
+        id: &SessionId,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let key = index_key(&self.key_prefix, kind, value);
+        let id = id.as_str().to_owned();
+        let ttl = ttl_millis(ttl);
+        let _added: i64 = self
+            .run("index_add", |mut conn| async move {
+                INDEX_ADD
+                    .key(key)
+                    .arg(id)
+                    .arg(ttl)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn index_remove(
+        &self,
+        kind: IndexKind,
+        value: &str,
+        id: &SessionId,
+    ) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("HDEL");
+        cmd.arg(index_key(&self.key_prefix, kind, value))
+            .arg(id.as_str());
+        let _removed: i64 = self
+            .run("index_remove", |mut conn| async move {
+                cmd.query_async(&mut conn).await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn index_members(
+        &self,
+        kind: IndexKind,
+        value: &str,
+    ) -> Result<Vec<SessionId>, StoreError> {
+        let key = index_key(&self.key_prefix, kind, value);
+        let ids: Vec<Vec<u8>> = self
+            .run("index_members", |mut conn| async move {
+                INDEX_MEMBERS.key(key).invoke_async(&mut conn).await
+            })
+            .await?;
+        // Anything that is not a session id was not written by the broker: left out.
+        Ok(ids
+            .iter()
+            .filter_map(|raw| std::str::from_utf8(raw).ok().and_then(SessionId::parse))
+            .collect())
+    }
+
+    async fn first_use(&self, marker: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let key = once_key(&self.key_prefix, marker);
+        self.set("first_use", key, b"1", ttl, SetCondition::IfAbsent)
+            .await
+    }
 }
 
 /// Cache field names as text. The broker writes only ASCII names; anything else was not written
@@ -571,6 +680,20 @@ fn token_cache_key(prefix: &str, id: &SessionId) -> String {
 
 fn lock_key(prefix: &str, id: &SessionId, name: &str) -> String {
     format!("{}:lock:{name}", session_key(prefix, id))
+}
+
+/// An index's key: its own hash slot (no hash tag), named by a hash of the indexed value.
+fn index_key(prefix: &str, kind: IndexKind, value: &str) -> String {
+    format!(
+        "{prefix}idx:{}:{}",
+        kind.as_str(),
+        hashed(kind.as_str(), value)
+    )
+}
+
+/// A one-time marker's key, hashed again so no caller's value ever names a key.
+fn once_key(prefix: &str, marker: &str) -> String {
+    format!("{prefix}once:{}", hashed("once", marker))
 }
 
 /// Milliseconds for `PX`/`PEXPIRE`: at least 1 (Redis refuses 0), saturating rather than

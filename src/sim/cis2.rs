@@ -251,6 +251,134 @@ impl Cis2Simulator {
         *clients = Arc::new(updated);
     }
 
+    /// Registers `client_id`'s `backchannel_logout_uri`: where [`Cis2Simulator::backchannel_logout_sid`]
+    /// and [`Cis2Simulator::backchannel_logout_user`] POST logout tokens.
+    pub fn set_backchannel_logout_uri(&self, client_id: &str, uri: &str) {
+        self.inner
+            .backchannel_uris
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(client_id.to_owned(), uri.to_owned());
+    }
+
+    /// The CIS2 session ids (`sid`) the simulator holds for `uid`, in no set order.
+    pub fn sids_of(&self, uid: &str) -> Vec<String> {
+        self.inner
+            .grants()
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.uid == uid)
+            .map(|(sid, _)| sid.clone())
+            .collect()
+    }
+
+    /// The claims of a logout token for `client_id` as CIS2 sends them: `iss`, `aud`, `iat`,
+    /// `exp`, a fresh `jti`, the event, and `sid`/`sub` as given. Tests edit them to make bad ones.
+    pub fn logout_token_claims(
+        &self,
+        client_id: &str,
+        sid: Option<&str>,
+        sub: Option<&str>,
+    ) -> Value {
+        let now = self.inner.now();
+        let mut claims = Map::new();
+        claims.insert("iss".into(), json!(self.inner.issuer));
+        claims.insert("aud".into(), json!(client_id));
+        claims.insert("iat".into(), json!(now));
+        claims.insert("exp".into(), json!(now + 120));
+        claims.insert("jti".into(), json!(random_urlsafe(16)));
+        claims.insert(
+            "events".into(),
+            json!({ "http://schemas.openid.net/event/backchannel-logout": {} }),
+        );
+        if let Some(sid) = sid {
+            claims.insert("sid".into(), json!(sid));
+        }
+        if let Some(sub) = sub {
+            claims.insert("sub".into(), json!(sub));
+        }
+        Value::Object(claims)
+    }
+
+    /// Signs `claims` as a logout token (`typ: logout+jwt`) with the provider's key, or with a
+    /// key it does not publish under the provider's `kid` when `forged`.
+    pub fn sign_logout_token(&self, claims: &Value, forged: bool) -> String {
+        let key = if forged {
+            keys::rogue_key()
+        } else {
+            keys::provider_key()
+        };
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(PROVIDER_KID.to_string());
+        header.typ = Some("logout+jwt".to_string());
+        jsonwebtoken::encode(&header, claims, key.encoding_key())
+            .unwrap_or_else(|e| format!("unsigned:{e}"))
+    }
+
+    /// POSTs `logout_token` to `client_id`'s back-channel logout URI; returns the HTTP status
+    /// and body, or why it could not be sent.
+    pub async fn post_logout_token(
+        &self,
+        client_id: &str,
+        logout_token: &str,
+    ) -> Result<(u16, String), String> {
+        let uri = self
+            .inner
+            .backchannel_uris
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(client_id)
+            .cloned()
+            .ok_or_else(|| format!("no backchannel_logout_uri for {client_id}"))?;
+        let resp = reqwest::Client::new()
+            .post(&uri)
+            .form(&[("logout_token", logout_token)])
+            .send()
+            .await
+            .map_err(|e| format!("back-channel logout not delivered: {e}"))?;
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// Ends the CIS2 session `sid` and tells its client by back-channel logout (`sid` and
+    /// `sub`), as CIS2 does when the user signs out elsewhere.
+    pub async fn backchannel_logout_sid(&self, sid: &str) -> Result<(u16, String), String> {
+        let session = self.inner.grants().sessions.remove(sid);
+        let Some(SimSession { uid, client_id }) = session else {
+            return Err("no such CIS2 session".into());
+        };
+        let claims = self.logout_token_claims(&client_id, Some(sid), Some(uid));
+        let token = self.sign_logout_token(&claims, false);
+        self.post_logout_token(&client_id, &token).await
+    }
+
+    /// Ends every CIS2 session of `uid` and tells each client once with a `sub`-only logout
+    /// token. Returns the answers, one per client.
+    pub async fn backchannel_logout_user(
+        &self,
+        uid: &str,
+    ) -> Vec<Result<(u16, String), String>> {
+        let clients: std::collections::BTreeSet<String> = {
+            let mut grants = self.inner.grants();
+            let clients = grants
+                .sessions
+                .values()
+                .filter(|s| s.uid == uid)
+                .map(|s| s.client_id.clone())
+                .collect();
+            grants.sessions.retain(|_, s| s.uid != uid);
+            clients
+        };
+        let mut answers = Vec::new();
+        for client_id in clients {
+            let claims = self.logout_token_claims(&client_id, None, Some(uid));
+            let token = self.sign_logout_token(&claims, false);
+            answers.push(self.post_logout_token(&client_id, &token).await);
+        }
+        answers
+    }
+
     /// Stops accepting connections; requests in flight finish.
     pub fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
@@ -277,6 +405,9 @@ struct Inner {
     faults: Faults,
     calls: Calls,
     grants: Mutex<Grants>,
+    /// Each client's `backchannel_logout_uri`, registered apart from [`SimClient`] so that
+    /// existing client literals need not change.
+    backchannel_uris: RwLock<HashMap<String, String>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -345,7 +476,6 @@ struct AccessGrant {
     expires_at: i64,
 }
 
-#[allow(dead_code)] // Read by back-channel logout, which a later change adds.
 struct SimSession {
     uid: &'static str,
     client_id: String,
@@ -370,6 +500,7 @@ impl Inner {
             faults: Faults::default(),
             calls: Calls::default(),
             grants: Mutex::new(Grants::default()),
+            backchannel_uris: RwLock::new(HashMap::new()),
             shutdown,
             base_url,
         }
