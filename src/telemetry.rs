@@ -74,11 +74,6 @@ impl Telemetry {
             Err(error) => tracing::warn!(%error, "trace exporter shutdown panicked"),
         }
     }
-
-    /// The tracer provider, e.g. for a test that wants to flush.
-    pub fn provider(&self) -> &SdkTracerProvider {
-        &self.provider
-    }
 }
 
 /// Logging and tracing from the environment. Must run inside the Tokio runtime: the OTLP

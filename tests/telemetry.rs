@@ -1,8 +1,10 @@
 //! Traces and metrics end to end: a calling client's trace continues through the broker's RPC
-//! span to its CIS2 calls and into the simulator, and `/metrics` counts what happened.
+//! spans to its CIS2 and APIM calls and into the CIS2 simulator, and `/metrics` counts what
+//! happened.
 
 mod common;
 
+use cis2_session_broker::config::Pattern;
 use cis2_session_broker::grpc::pb;
 use cis2_session_broker::telemetry::{self, LogFormat, Telemetry};
 use common::*;
@@ -100,15 +102,17 @@ fn descends_from(span: &SpanData, ancestor: SpanId, spans: &[SpanData]) -> bool 
 }
 
 #[tokio::test]
-async fn a_callers_trace_continues_through_the_broker_into_cis2() {
+async fn a_callers_trace_continues_through_the_broker_into_cis2_and_apim() {
     exporter();
     let h = Harness::start_with(Options {
         store: Store::Memory,
+        apim: Some(Pattern::Separate),
         ..Options::default()
     })
     .await;
     let (trace, start_parent) = random_trace();
     let (_, exchange_parent) = random_trace();
+    let (_, token_parent) = random_trace();
 
     let started = h
         .client
@@ -170,12 +174,48 @@ async fn a_callers_trace_continues_through_the_broker_into_cis2() {
             .any(|(path, tp)| path.ends_with("/access_token") && tp.as_deref() == Some(&sent)),
         "the simulator's token endpoint did not receive {sent}: {seen:?}"
     );
-    // Every CIS2 call in the trace sits under one of the two RPCs.
-    for span in spans.iter().filter(|s| s.span_kind == SpanKind::Client) {
+
+    // The PDS token: the APIM exchange is part of the same trace, under one of the RPCs.
+    let pds = h
+        .client
+        .clone()
+        .get_pds_token(with_traceparent(
+            pb::GetPdsTokenRequest {
+                session_token: exchanged.session_token.clone(),
+                ..Default::default()
+            },
+            trace,
+            token_parent,
+        ))
+        .await
+        .expect("GetPdsToken")
+        .into_inner();
+    let token_rpc = ended_span(trace, "session_broker.v1.SessionBroker/GetPdsToken").await;
+    assert_eq!(token_rpc.parent_span_id, token_parent);
+    let rpcs = [
+        start.span_context.span_id(),
+        server.span_context.span_id(),
+        token_rpc.span_context.span_id(),
+    ];
+    let mut apim_calls = 0;
+    for _ in 0..200 {
+        apim_calls = spans_of(trace)
+            .iter()
+            .filter(|s| attr_str(s, "upstream").as_deref() == Some("apim"))
+            .count();
+        if apim_calls > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(apim_calls > 0, "no APIM span in the trace");
+    let spans = spans_of(trace);
+
+    // Every outbound call in the trace sits under one of the RPCs.
+    for span in spans.iter().filter(|s| attr(s, "upstream").is_some()) {
         assert!(
-            descends_from(span, server.span_context.span_id(), &spans)
-                || descends_from(span, start.span_context.span_id(), &spans),
-            "client span {:?} is outside the RPCs",
+            rpcs.iter().any(|rpc| descends_from(span, *rpc, &spans)),
+            "upstream span {:?} is outside the RPCs",
             span.name
         );
     }
@@ -183,9 +223,11 @@ async fn a_callers_trace_continues_through_the_broker_into_cis2() {
     // No attribute or event of the trace carries a secret.
     let secrets = [
         exchanged.session_token.as_str(),
+        pds.access_token.as_str(),
         cb.code.as_str(),
         cb.state.as_str(),
         CLIENT_SECRET,
+        APIM_SECRET,
     ];
     for span in &spans {
         let mut text = format!("{}", span.name);
