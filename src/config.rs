@@ -10,7 +10,7 @@ use crate::grpc::auth::AllowedRpcs;
 use crate::grpc::limits::Limits;
 use crate::policy::{ApiPolicy, PolicyTable};
 use crate::secret::Secret;
-use crate::session::redis::RedisSettings;
+use crate::session::redis::{RedisMode, RedisSettings, RedisTopology};
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
@@ -445,6 +445,12 @@ struct RawCaller {
 struct RawStore {
     kind: String,
     url: Option<Secret<String>>,
+    mode: String,
+    urls: Vec<Secret<String>>,
+    sentinel_master_name: Option<String>,
+    username: Option<String>,
+    password: Option<Secret<String>>,
+    tls_ca_file: Option<String>,
     key_prefix: String,
     connect_timeout: String,
     command_timeout: String,
@@ -455,6 +461,12 @@ impl Default for RawStore {
         RawStore {
             kind: "redis".into(),
             url: None,
+            mode: "standalone".into(),
+            urls: Vec::new(),
+            sentinel_master_name: None,
+            username: None,
+            password: None,
+            tls_ca_file: None,
             key_prefix: "sb:".into(),
             connect_timeout: "2s".into(),
             command_timeout: "1s".into(),
@@ -718,24 +730,23 @@ impl RawStore {
         match self.kind.as_str() {
             "memory" => Some(StoreConfig::Memory),
             "redis" => {
-                let Some(url) = self.url else {
-                    errors.push("store.url: required when store.kind = \"redis\"".into());
-                    return None;
-                };
-                let scheme_ok = ["redis://", "rediss://"]
-                    .iter()
-                    .any(|s| url.expose().starts_with(s));
-                if !scheme_ok || Url::parse(url.expose()).is_err() {
-                    // The URL may carry a password: never echo it.
-                    errors.push("store.url: must be a redis:// or rediss:// URL".into());
-                }
                 if self.key_prefix.len() > 64 || self.key_prefix.contains(['{', '}', ' ']) {
                     errors.push(
                         "store.key_prefix: at most 64 characters, no braces or spaces".into(),
                     );
                 }
+                let url = redis_topology(
+                    self.url,
+                    &self.mode,
+                    self.urls,
+                    self.sentinel_master_name,
+                    self.username,
+                    self.password,
+                    self.tls_ca_file,
+                    errors,
+                )?;
                 Some(StoreConfig::Redis(RedisSettings {
-                    url: url.into_inner(),
+                    url,
                     key_prefix: self.key_prefix,
                     connect_timeout,
                     command_timeout,
@@ -749,6 +760,122 @@ impl RawStore {
             }
         }
     }
+}
+
+/// The store's `RedisSettings::url`: the plain URL when that says everything, else the whole
+/// topology (see `session::redis::RedisTopology`). Messages never echo a URL or the password.
+#[allow(clippy::too_many_arguments)] // one per `[store]` key, each checked here
+fn redis_topology(
+    url: Option<Secret<String>>,
+    mode: &str,
+    urls: Vec<Secret<String>>,
+    sentinel_master_name: Option<String>,
+    username: Option<String>,
+    password: Option<Secret<String>>,
+    tls_ca_file: Option<String>,
+    errors: &mut Vec<String>,
+) -> Option<String> {
+    let before = errors.len();
+    let mode = match mode {
+        "standalone" => RedisMode::Standalone,
+        "cluster" => RedisMode::Cluster,
+        "sentinel" => RedisMode::Sentinel,
+        other => {
+            errors.push(format!(
+                "store.mode: {other:?} is not \"standalone\", \"cluster\" or \"sentinel\""
+            ));
+            return None;
+        }
+    };
+    let check = |key: &str, u: &Secret<String>, errors: &mut Vec<String>| {
+        let scheme_ok = ["redis://", "rediss://"]
+            .iter()
+            .any(|s| u.expose().starts_with(s));
+        if !scheme_ok || Url::parse(u.expose()).is_err() {
+            // The URL may carry a password: never echo it.
+            errors.push(format!("{key}: must be a redis:// or rediss:// URL"));
+        }
+    };
+    if let Some(u) = &url {
+        check("store.url", u, errors);
+    }
+    for u in &urls {
+        check("store.urls", u, errors);
+    }
+    let mut all: Vec<String> = url.into_iter().map(Secret::into_inner).collect();
+    match mode {
+        RedisMode::Standalone => {
+            if !urls.is_empty() {
+                errors.push(
+                    "store.urls: only for store.mode = \"cluster\" or \"sentinel\" (use store.url)"
+                        .into(),
+                );
+            }
+            if all.is_empty() {
+                errors.push("store.url: required when store.kind = \"redis\"".into());
+            }
+        }
+        RedisMode::Cluster | RedisMode::Sentinel => {
+            // `url`, when set, is one more seed node or sentinel (so BROKER__STORE__URL works
+            // in every mode).
+            all.extend(urls.into_iter().map(Secret::into_inner));
+            if all.is_empty() {
+                errors.push(
+                    "store.urls: required when store.mode = \"cluster\" or \"sentinel\"".into(),
+                );
+            }
+        }
+    }
+    match (mode, &sentinel_master_name) {
+        (RedisMode::Sentinel, None) => errors
+            .push("store.sentinel_master_name: required when store.mode = \"sentinel\"".into()),
+        (RedisMode::Sentinel, Some(name))
+            if name.is_empty() || name.contains(char::is_whitespace) =>
+        {
+            errors
+                .push("store.sentinel_master_name: must be a non-empty name without spaces".into())
+        }
+        (RedisMode::Standalone | RedisMode::Cluster, Some(_)) => {
+            errors.push("store.sentinel_master_name: only for store.mode = \"sentinel\"".into())
+        }
+        _ => {}
+    }
+    if username.is_some() && password.is_none() {
+        errors.push("store.username: needs store.password (BROKER__STORE__PASSWORD)".into());
+    }
+    if username
+        .as_deref()
+        .is_some_and(|u| u.is_empty() || u.contains([':', '@', '/', ' ']))
+    {
+        errors.push("store.username: must be a plain ACL user name".into());
+    }
+    if password.as_ref().is_some_and(|p| p.expose().is_empty()) {
+        errors.push("store.password: must not be empty".into());
+    }
+    if errors.len() > before {
+        return None;
+    }
+    let plain = mode == RedisMode::Standalone
+        && username.is_none()
+        && password.is_none()
+        && tls_ca_file.is_none();
+    let topology = RedisTopology {
+        mode,
+        urls: all,
+        sentinel_master_name,
+        username,
+        password: password.map(Secret::into_inner),
+        tls_ca_file,
+    };
+    // What only the store knows how to check (mixed schemes, #fragments, the CA file's use).
+    if let Err(problem) = topology.check() {
+        errors.push(format!("store: {problem}"));
+        return None;
+    }
+    if plain {
+        return topology.urls.into_iter().next();
+    }
+    Some(topology.to_url())
 }
 
 impl RawEncryption {
@@ -1349,6 +1476,114 @@ default_aal = 1
         let text = minimal().replace("redis://127.0.0.1:6379", "http://user:hunter2@host");
         let errs = load(&text, &[]).expect_err("bad scheme").0;
         assert!(!errs.join(" ").contains("hunter2"));
+    }
+
+    /// `minimal()` with its `[store]` url line replaced by `store`.
+    fn with_store(store: &str) -> String {
+        minimal().replace("url = \"redis://127.0.0.1:6379\"", store)
+    }
+
+    fn redis_topology_of(c: &Config) -> crate::session::redis::RedisTopology {
+        match &c.store {
+            StoreConfig::Redis(s) => {
+                crate::session::redis::RedisTopology::from_url(&s.url).expect("parses")
+            }
+            StoreConfig::Memory => panic!("expected a Redis store"),
+        }
+    }
+
+    #[test]
+    fn redis_modes_are_configured() {
+        use crate::session::redis::RedisMode;
+        let plain = load(&minimal(), &[]).expect("valid");
+        let StoreConfig::Redis(s) = &plain.store else {
+            panic!("redis")
+        };
+        assert_eq!(
+            s.url, "redis://127.0.0.1:6379",
+            "a plain URL stays as it is"
+        );
+
+        let cluster = load(
+            &with_store(
+                "mode = \"cluster\"\nurls = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]",
+            ),
+            &[("BROKER__STORE__PASSWORD", "hunter2")],
+        )
+        .expect("valid");
+        let t = redis_topology_of(&cluster);
+        assert_eq!(t.mode, RedisMode::Cluster);
+        assert_eq!(t.urls.len(), 2);
+        assert_eq!(t.password.as_deref(), Some("hunter2"));
+        assert!(
+            !format!("{cluster:?}").contains("hunter2"),
+            "Debug hides it"
+        );
+
+        let sentinel = load(
+            &with_store(
+                "mode = \"sentinel\"\nurl = \"redis://s0:26379\"\nurls = [\"redis://s1:26379\"]\nsentinel_master_name = \"sb\"\nusername = \"broker\"\npassword = \"pw\"",
+            ),
+            &[],
+        )
+        .expect("valid");
+        let t = redis_topology_of(&sentinel);
+        assert_eq!(t.mode, RedisMode::Sentinel);
+        assert_eq!(
+            t.urls,
+            ["redis://s0:26379", "redis://s1:26379"],
+            "url is one more"
+        );
+        assert_eq!(t.sentinel_master_name.as_deref(), Some("sb"));
+        assert_eq!(t.username.as_deref(), Some("broker"));
+    }
+
+    #[test]
+    fn bad_redis_modes_are_reported() {
+        let cases = [
+            ("mode = \"ring\"\nurl = \"redis://h\"", "store.mode"),
+            ("mode = \"cluster\"", "store.urls"),
+            ("url = \"redis://h\"\nurls = [\"redis://h2\"]", "store.urls"),
+            (
+                "mode = \"sentinel\"\nurls = [\"redis://h\"]",
+                "store.sentinel_master_name",
+            ),
+            (
+                "mode = \"sentinel\"\nurls = [\"redis://h\"]\nsentinel_master_name = \"\"",
+                "store.sentinel_master_name",
+            ),
+            (
+                "url = \"redis://h\"\nsentinel_master_name = \"m\"",
+                "store.sentinel_master_name",
+            ),
+            (
+                "mode = \"cluster\"\nurls = [\"http://user:hunter2@h\"]",
+                "store.urls",
+            ),
+            (
+                "url = \"redis://h\"\nusername = \"broker\"",
+                "store.username",
+            ),
+            (
+                "url = \"redis://h\"\nusername = \"a:b\"\npassword = \"hunter2\"",
+                "store.username",
+            ),
+            ("url = \"redis://h\"\npassword = \"\"", "store.password"),
+            (
+                "mode = \"cluster\"\nurls = [\"redis://:hunter2@h\", \"rediss://h2\"]",
+                "mix",
+            ),
+            ("url = \"rediss://:hunter2@h/#insecure\"", "fragment"),
+            (
+                "url = \"redis://h\"\ntls_ca_file = \"/ca.pem\"",
+                "tls_ca_file",
+            ),
+        ];
+        for (store, needle) in cases {
+            let errs = load(&with_store(store), &[]).expect_err(store).0.join("\n");
+            assert!(errs.contains(needle), "{store}: {errs}");
+            assert!(!errs.contains("hunter2"), "{store}: {errs}");
+        }
     }
 
     #[test]
