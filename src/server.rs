@@ -269,7 +269,11 @@ async fn watch_readiness(
             _ = stop.wait_for(|s| *s) => break,
         }
     }
+    // Draining: health checkers stop sending work here while the calls in flight finish.
     health
         .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(service, ServingStatus::NotServing)
         .await;
 }
