@@ -8,7 +8,7 @@
 
 use cis2_session_broker::clock::ManualClock;
 use cis2_session_broker::session::memory::MemoryStore;
-use cis2_session_broker::session::redis::{RedisSettings, RedisStore};
+use cis2_session_broker::session::redis::{RedisMode, RedisSettings, RedisStore, RedisTopology};
 use cis2_session_broker::session::token::random_urlsafe;
 use cis2_session_broker::session::{LoginKey, SessionId, SessionStore, SessionToken, StoreError};
 use std::sync::Arc;
@@ -49,9 +49,66 @@ enum Backend {
     },
     Redis {
         store: Arc<RedisStore>,
-        raw: redis::aio::MultiplexedConnection,
+        raw: Raw,
         prefix: String,
     },
+}
+
+/// The tests' own connection behind the store's back: to the one server, the Cluster, or the
+/// master the sentinels name.
+#[derive(Clone)]
+enum Raw {
+    Single(redis::aio::MultiplexedConnection),
+    /// The connection and the node URLs (every node is a master in the test Cluster).
+    Cluster(redis::cluster_async::ClusterConnection, Vec<String>),
+}
+
+impl redis::aio::ConnectionLike for Raw {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Raw::Single(c) => c.req_packed_command(cmd),
+            Raw::Cluster(c, _) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Raw::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Raw::Cluster(c, _) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+/// A comma-separated list from the environment, or a failure that says how to get one.
+fn env_urls(name: &str) -> Vec<String> {
+    let value = std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set. The Cluster and Sentinel contract runs need the servers that \
+             scripts/test.sh starts. These tests fail rather than skip."
+        )
+    });
+    value.split(',').map(str::to_owned).collect()
+}
+
+fn ha_settings(topology: RedisTopology, prefix: &str) -> RedisSettings {
+    RedisSettings {
+        url: topology.to_url(),
+        key_prefix: prefix.to_owned(),
+        connect_timeout: Duration::from_secs(5),
+        command_timeout: Duration::from_secs(5),
+    }
 }
 
 impl Backend {
@@ -78,7 +135,56 @@ impl Backend {
         .expect("REDIS_URL was just used to connect, so the store accepts it");
         Backend::Redis {
             store: Arc::new(store),
-            raw,
+            raw: Raw::Single(raw),
+            prefix,
+        }
+    }
+
+    /// A store on the Redis Cluster of `REDIS_CLUSTER_URLS`.
+    async fn cluster() -> Self {
+        let urls = env_urls("REDIS_CLUSTER_URLS");
+        let raw = redis::cluster::ClusterClient::new(urls.clone())
+            .expect("the cluster URLs parse")
+            .get_async_connection()
+            .await
+            .expect("the test Cluster answers");
+        let prefix = format!("cis2sb-test:{}:", random_urlsafe(12));
+        let topology = RedisTopology {
+            mode: RedisMode::Cluster,
+            urls: urls.clone(),
+            ..RedisTopology::default()
+        };
+        let store = RedisStore::new(ha_settings(topology, &prefix)).expect("valid settings");
+        Backend::Redis {
+            store: Arc::new(store),
+            raw: Raw::Cluster(raw, urls),
+            prefix,
+        }
+    }
+
+    /// A store on the master that the sentinels of `REDIS_SENTINEL_URLS` name.
+    async fn sentinel() -> Self {
+        let urls = env_urls("REDIS_SENTINEL_URLS");
+        let master = std::env::var("REDIS_SENTINEL_MASTER").expect("set with REDIS_SENTINEL_URLS");
+        let raw = redis::sentinel::Sentinel::build(urls.clone())
+            .expect("the sentinel URLs parse")
+            .async_master_for(&master, None)
+            .await
+            .expect("the sentinels name a master")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the master answers");
+        let prefix = format!("cis2sb-test:{}:", random_urlsafe(12));
+        let topology = RedisTopology {
+            mode: RedisMode::Sentinel,
+            urls,
+            sentinel_master_name: Some(master),
+            ..RedisTopology::default()
+        };
+        let store = RedisStore::new(ha_settings(topology, &prefix)).expect("valid settings");
+        Backend::Redis {
+            store: Arc::new(store),
+            raw: Raw::Single(raw),
             prefix,
         }
     }
@@ -143,8 +249,36 @@ impl Backend {
     }
 
     async fn cleanup(&self) {
-        if let Backend::Redis { raw, prefix, .. } = self {
-            delete_prefixed(raw.clone(), prefix).await;
+        match self {
+            Backend::Redis {
+                raw: Raw::Single(raw),
+                prefix,
+                ..
+            } => delete_prefixed(raw.clone(), prefix).await,
+            Backend::Redis {
+                raw: Raw::Cluster(_, nodes),
+                prefix,
+                ..
+            } => {
+                // SCAN sees one node; every test node is a master, so each is scanned and its
+                // keys deleted there one by one (they may sit in different slots).
+                for node in nodes {
+                    let mut conn = raw_connection(node).await;
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("{prefix}*"))
+                        .query_async(&mut conn)
+                        .await
+                        .expect("KEYS on a test Cluster node succeeds");
+                    for key in keys {
+                        let _: i64 = redis::cmd("DEL")
+                            .arg(&key)
+                            .query_async(&mut conn)
+                            .await
+                            .expect("DEL of a key the node holds succeeds");
+                    }
+                }
+            }
+            Backend::Memory { .. } => {}
         }
     }
 }
@@ -697,6 +831,28 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
                     let backend = super::Backend::redis().await;
+                    super::cases::$case(&backend).await;
+                    backend.cleanup().await;
+                }
+            )*
+        }
+
+        mod redis_cluster_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let backend = super::Backend::cluster().await;
+                    super::cases::$case(&backend).await;
+                    backend.cleanup().await;
+                }
+            )*
+        }
+
+        mod redis_sentinel_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let backend = super::Backend::sentinel().await;
                     super::cases::$case(&backend).await;
                     backend.cleanup().await;
                 }
