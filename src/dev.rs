@@ -207,6 +207,7 @@ pub async fn serve(
         &grpc.local_addr()?,
         &http.local_addr()?,
         &sim,
+        &apim,
         &callback,
         opts.redis_url.is_some(),
         &caller_token,
@@ -221,6 +222,7 @@ fn print_banner(
     grpc: &SocketAddr,
     http: &SocketAddr,
     sim: &Cis2Simulator,
+    apim: &ApimSimulator,
     callback: &str,
     redis: bool,
     caller_token: &Secret<String>,
@@ -239,6 +241,7 @@ fn print_banner(
   gRPC   {grpc}   (reflection on: grpcurl -plaintext {grpc} list)
   HTTP   http://{http}
   CIS2   {issuer}   (simulator)
+  APIM   {apim_url}   (simulator)
 
   Every SessionBroker RPC needs the dev caller token (made up at start-up, all RPCs):
       export TOKEN={token}
@@ -254,6 +257,7 @@ fn print_banner(
 ================================================================================
 "#,
         issuer = sim.issuer(),
+        apim_url = apim.token_url(),
         // Printing it is the point: dev mode's operator must be able to call the broker.
         token = caller_token.expose(),
     );
