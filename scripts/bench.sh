@@ -1,0 +1,280 @@
+#!/usr/bin/env bash
+# Benchmarks the broker against the floor (examples/floor.rs: one gRPC call doing one Redis GET)
+# on this machine, at 16 and 64 concurrent callers, and writes the table into docs/benchmarks.md.
+#
+#   scripts/bench.sh                       # ~6 minutes on 2 cores
+#   BENCH_DURATION=5s scripts/bench.sh     # shorter runs
+#
+# Everything is private and on loopback: its own Redis on a free port, the CIS2 and APIM
+# simulators (examples/sims.rs), the production binary (`session-broker serve`) with the Redis
+# store, and a caller token made up for this run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${BENCH_DURATION:-10s}
+WARMUP=${BENCH_WARMUP:-2s}
+CONCURRENCIES=${BENCH_CONCURRENCIES:-"16 64"}
+MEMORY_SESSIONS=${BENCH_MEMORY_SESSIONS:-100000}
+DOC=${BENCH_DOC:-docs/benchmarks.md}
+CALLBACK="http://127.0.0.1:9/bench/callback"
+
+say() { printf '\n== %s\n' "$*" >&2; }
+
+command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
+  else
+    echo "bench.sh needs redis-server and redis-benchmark" >&2; exit 1
+  fi
+}
+
+say "building release"
+[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --locked --examples --bins
+bin=target/release
+loadgen=$bin/examples/loadgen
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  local rc=$?
+  if [ "$rc" != 0 ]; then
+    for log in "$work"/*.log; do echo "--- $log" >&2; tail -n 20 "$log" >&2; done
+  fi
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2; exit 1
+}
+
+say "starting a private Redis"
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
+  --logfile "$work/redis.log" &
+pids+=($!)
+wait_port "$redis_port"
+redis="redis-cli -p $redis_port"
+redis_url="redis://127.0.0.1:$redis_port"
+
+say "starting the floor"
+floor_port=$(free_port)
+$bin/examples/floor --redis "$redis_url" --listen "127.0.0.1:$floor_port" >"$work/floor.log" 2>&1 &
+pids+=($!)
+wait_port "$floor_port"
+
+say "starting the CIS2 and APIM simulators"
+$bin/session-broker keys generate --dir "$work" --kid bench-1 >/dev/null
+python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$work/client-secret"
+$bin/examples/sims --jwks "$work/bench-1.jwks.json" --callback "$CALLBACK" \
+  --client-secret-file "$work/client-secret" --out "$work/sims.env" >"$work/sims.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do [ -f "$work/sims.env" ] && break; sleep 0.1; done
+# shellcheck disable=SC1091
+. "$work/sims.env"
+
+say "starting the broker (session-broker serve, Redis store)"
+$bin/session-broker callers new-token >"$work/caller"
+caller_token=$(awk '/^token:/ {print $2}' "$work/caller")
+caller_hash=$(awk '/^token_sha256:/ {print $2}' "$work/caller")
+grpc_port=$(free_port)
+http_port=$(free_port)
+cat >"$work/broker.toml" <<TOML
+[server]
+grpc_addr = "127.0.0.1:$grpc_port"
+http_addr = "127.0.0.1:$http_port"
+
+[store]
+kind = "redis"
+url = "$redis_url"
+key_prefix = "sb-bench:"
+
+[cis2]
+issuer = "$CIS2_ISSUER"
+discovery_url = "$CIS2_DISCOVERY_URL"
+client_id = "$CIS2_CLIENT_ID"
+client_auth = "client_secret_post"
+redirect_uris = ["$CALLBACK"]
+
+[apim]
+pattern = "separate"
+token_url = "$APIM_TOKEN_URL"
+api_key = "$APIM_API_KEY"
+
+[[signing.keys]]
+kid = "bench-1"
+private_key_file = "$work/bench-1.pem"
+
+[[callers]]
+name = "bench"
+token_sha256 = "$caller_hash"
+rpcs = ["*"]
+# The benchmark measures the broker, not its rate limiter.
+rate_per_second = 1000000
+max_pending_logins_per_minute = 1000000
+TOML
+encryption_key=$(python3 -c 'import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())')
+BROKER__ENCRYPTION__KEYS="bench:$encryption_key" \
+BROKER__CIS2__CLIENT_SECRET="$(cat "$work/client-secret")" \
+  $bin/session-broker serve --config "$work/broker.toml" >"$work/broker.log" 2>&1 &
+broker_pid=$!
+pids+=($broker_pid)
+wait_port "$grpc_port"
+
+results="$work/results.txt"
+session_keys() { $redis --scan --pattern 'sb-bench:s:{*}' | awk '/}$/ {n++} END {print n+0}'; }
+: >"$results"
+lg() {
+  # lg NAME CONCURRENCY ADDR ARGS...: one load generator run, its RESULT line kept under NAME.
+  local name=$1 conc=$2 addr=$3; shift 3
+  say "$name at $conc callers"
+  local line
+  line=$(BROKER_TOKEN="$caller_token" $loadgen --addr "$addr" --concurrency "$conc" \
+    --duration "$DURATION" --warmup "$WARMUP" --callback "$CALLBACK" "$@" | tee /dev/stderr | grep '^RESULT')
+  echo "$name $conc $line" >>"$results"
+}
+redis_bench() {
+  local conc=$1
+  say "redis-benchmark GET -d 700 at $conc clients"
+  local secs=${DURATION%s}
+  local csv
+  csv=$(redis-benchmark -p "$redis_port" -t get -d 700 -c "$conc" -n $((secs * 60000)) --csv \
+    | tail -1)
+  # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+  echo "redis-benchmark $conc $csv" | tee /dev/stderr >>"$results"
+}
+
+broker="http://127.0.0.1:$grpc_port"
+for conc in $CONCURRENCIES; do
+  lg floor "$conc" "http://127.0.0.1:$floor_port" --rpc floor
+  lg GetCurrentAal "$conc" "$broker" --rpc get-current-aal
+  lg GetSession "$conc" "$broker" --rpc get-session
+  lg GetPdsToken "$conc" "$broker" --rpc get-pds-token
+  redis_bench "$conc"
+done
+
+say "sign-ins (StartLogin + simulator + ExchangeCode) and the Redis memory each costs"
+used_before_logins=$($redis INFO memory | awk -F: '/^used_memory:/ {print $2+0}')
+sessions_before_logins=$(session_keys)
+lg sign-in 16 "$broker" --rpc login --sessions 1
+used_after_logins=$($redis INFO memory | awk -F: '/^used_memory:/ {print $2+0}')
+sessions_after_logins=$(session_keys)
+hwm_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$broker_pid/status")
+
+say "Redis memory per session ($MEMORY_SESSIONS sessions)"
+# Real sessions, signed in through the simulator above, are copied (value and TTL) under new
+# keys of the same length: creating 100,000 by signing in would take most of the run.
+sample=$($redis --scan --pattern 'sb-bench:s:{*}' | awk '/}$/ && !found {print; found=1}')
+[ -n "$sample" ] || { echo "no session found in Redis" >&2; exit 1; }
+value_bytes=$($redis STRLEN "$sample")
+usage_bytes=$($redis MEMORY USAGE "$sample")
+used_before=$($redis INFO memory | awk -F: '/^used_memory:/ {print $2+0}')
+prefix="${sample%%\{*}{"
+id="${sample#*\{}"; id="${id%\}}"
+copy='local v = redis.call("GET", KEYS[1])
+local ttl = redis.call("PTTL", KEYS[1])
+for i = tonumber(ARGV[3]), tonumber(ARGV[3]) + tonumber(ARGV[4]) - 1 do
+  redis.call("SET", ARGV[1] .. string.format("%0" .. ARGV[2] .. "d", i) .. "}", v, "PX", ttl)
+end
+return 1'
+batch=10000
+for ((start = 0; start < MEMORY_SESSIONS; start += batch)); do
+  $redis EVAL "$copy" 1 "$sample" "$prefix" "${#id}" "$start" "$batch" >/dev/null
+done
+used_after=$($redis INFO memory | awk -F: '/^used_memory:/ {print $2+0}')
+
+say "writing $DOC"
+machine="$(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(uname -sr)"
+python3 - "$results" "$DOC" "$machine" "$hwm_kib" "$used_before" "$used_after" \
+  "$MEMORY_SESSIONS" "$value_bytes" "$usage_bytes" "$DURATION" \
+  "$used_before_logins" "$used_after_logins" "$sessions_before_logins" "$sessions_after_logins" <<'PY'
+import re, sys, datetime
+(results, doc, machine, hwm, before, after, n, value_bytes, usage, duration,
+ lbefore, lafter, sbefore, safter) = sys.argv[1:]
+rows = {}
+for line in open(results):
+    name, conc, rest = line.split(" ", 2)
+    if name == "redis-benchmark":
+        cols = [c.strip('"') for c in rest.strip().split('","')]
+        rows[(name, conc)] = dict(ops=float(cols[1]), p50=float(cols[4]), p99=float(cols[6]), errors=0)
+    else:
+        kv = dict(re.findall(r"(\w+)=(\S+)", rest))
+        rows[(name, conc)] = dict(ops=float(kv["ops_per_s"]), p50=int(kv["p50_us"]) / 1000,
+                                  p99=int(kv["p99_us"]) / 1000, errors=int(kv["errors"]))
+order = ["floor", "GetCurrentAal", "GetSession", "GetPdsToken", "redis-benchmark", "sign-in"]
+label = {"floor": "floor (gRPC + 1 Redis GET)", "GetPdsToken": "GetPdsToken (cached)",
+         "redis-benchmark": "redis-benchmark GET -d 700",
+         "sign-in": "sign-in (StartLogin + simulator + ExchangeCode)"}
+concs = sorted({c for _, c in rows}, key=int)
+out = ["| callers | what | ops/s | p50 ms | p99 ms | errors | ops/s ÷ floor | p99 ÷ floor |",
+       "|---:|---|---:|---:|---:|---:|---:|---:|"]
+verdicts = []
+for c in concs:
+    floor = rows.get(("floor", c))
+    for name in order:
+        r = rows.get((name, c))
+        if not r:
+            continue
+        ratio = p99r = ""
+        if floor and name not in ("floor", "redis-benchmark", "sign-in"):
+            ratio = f"{r['ops'] / floor['ops']:.2f}"
+            p99r = f"{r['p99'] / floor['p99']:.2f}"
+        out.append(f"| {c} | {label.get(name, name)} | {r['ops']:,.0f} | {r['p50']:.2f} | "
+                   f"{r['p99']:.2f} | {r['errors']} | {ratio} | {p99r} |")
+    if floor:
+        for name in ("GetCurrentAal", "GetSession"):
+            r = rows.get((name, c))
+            if r:
+                ok = r["ops"] >= 0.8 * floor["ops"] and r["p99"] <= 1.5 * floor["p99"]
+                verdicts.append(f"- {c} callers, {name} ≥ 0.8× floor ops/s and p99 ≤ 1.5× floor p99: "
+                                f"**{'met' if ok else 'missed'}** "
+                                f"({r['ops'] / floor['ops']:.2f}×, {r['p99'] / floor['p99']:.2f}×)")
+    a, p = rows.get(("GetCurrentAal", c)), rows.get(("GetPdsToken", c))
+    if a and p:
+        ok = p["ops"] >= 0.9 * a["ops"]
+        verdicts.append(f"- {c} callers, GetPdsToken (cached) within 10% of GetCurrentAal ops/s: "
+                        f"**{'met' if ok else 'missed'}** ({p['ops'] / a['ops']:.2f}×)")
+hwm_mib = int(hwm) / 1024
+per_session = (int(after) - int(before)) / int(n)
+signed_in = int(safter) - int(sbefore)
+per_signin = (int(lafter) - int(lbefore)) / signed_in if signed_in > 0 else float("nan")
+verdicts.append(f"- broker peak RSS ≤ 64 MiB: **{'met' if hwm_mib <= 64 else 'missed'}** ({hwm_mib:.1f} MiB)")
+worst = max(per_session, per_signin)
+verdicts.append(f"- Redis memory per session ≤ 2 KiB: **{'met' if worst <= 2048 else 'missed'}** "
+                f"({per_session:,.0f} bytes per cloned session, {per_signin:,.0f} per real sign-in)")
+block = "\n".join([
+    "<!-- bench:begin (written by scripts/bench.sh; edit outside these markers) -->",
+    f"Run of {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on **{machine}**; "
+    f"{duration} per measurement after a warm-up, load generator on the same machine.",
+    "",
+    *out,
+    "",
+    f"- Broker peak RSS (VmHWM, whole run including sign-ins): **{hwm_mib:.1f} MiB**",
+    f"- Redis memory per session: **{per_session:,.0f} bytes** (`used_memory` {int(before):,} → "
+    f"{int(after):,} for {int(n):,} sessions; one sealed session value is {int(value_bytes):,} bytes, "
+    f"`MEMORY USAGE` of its key {int(usage):,} bytes). The {int(n):,} are copies (value and TTL) of a "
+    f"session signed in through the simulator, under keys of the same length: the session key alone.",
+    f"- Redis memory per real sign-in, everything included (session, user and CIS2-sid index "
+    f"entries, consumed pending sign-in): **{per_signin:,.0f} bytes** (`used_memory` "
+    f"{int(lbefore):,} → {int(lafter):,} over the {signed_in:,} sessions the sign-in run created)",
+    "",
+    "Targets:",
+    "",
+    *verdicts,
+    "<!-- bench:end -->",
+])
+text = open(doc).read() if __import__("os").path.exists(doc) else ""
+pattern = re.compile(r"<!-- bench:begin.*?<!-- bench:end -->", re.S)
+text = pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block + "\n"
+open(doc, "w").write(text)
+print(block)
+PY
