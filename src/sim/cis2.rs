@@ -355,10 +355,7 @@ impl Cis2Simulator {
 
     /// Ends every CIS2 session of `uid` and tells each client once with a `sub`-only logout
     /// token. Returns the answers, one per client.
-    pub async fn backchannel_logout_user(
-        &self,
-        uid: &str,
-    ) -> Vec<Result<(u16, String), String>> {
+    pub async fn backchannel_logout_user(&self, uid: &str) -> Vec<Result<(u16, String), String>> {
         let clients: std::collections::BTreeSet<String> = {
             let mut grants = self.inner.grants();
             let clients = grants
