@@ -9,6 +9,7 @@
 use cis2_session_broker::clock::ManualClock;
 use cis2_session_broker::session::memory::MemoryStore;
 use cis2_session_broker::session::redis::{RedisMode, RedisSettings, RedisStore, RedisTopology};
+use cis2_session_broker::session::store::IndexKind;
 use cis2_session_broker::session::token::random_urlsafe;
 use cis2_session_broker::session::{LoginKey, SessionId, SessionStore, SessionToken, StoreError};
 use std::sync::Arc;
@@ -809,6 +810,147 @@ mod cases {
         }
         assert_eq!(winners, 1, "exactly one locker wins");
     }
+
+    fn sorted(mut ids: Vec<SessionId>) -> Vec<String> {
+        let mut out: Vec<String> = ids.drain(..).map(|id| id.as_str().to_owned()).collect();
+        out.sort();
+        out
+    }
+
+    pub async fn an_index_lists_what_was_added_and_not_removed(b: &Backend) {
+        let store = b.store();
+        let uid = random_urlsafe(8);
+        let (one, two) = (new_session_id(), new_session_id());
+        assert!(
+            store
+                .index_members(IndexKind::User, &uid)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        store
+            .index_add(IndexKind::User, &uid, &one, LONG)
+            .await
+            .unwrap();
+        store
+            .index_add(IndexKind::User, &uid, &two, LONG)
+            .await
+            .unwrap();
+        store
+            .index_add(IndexKind::User, &uid, &two, LONG)
+            .await
+            .unwrap();
+        assert_eq!(
+            sorted(store.index_members(IndexKind::User, &uid).await.unwrap()),
+            sorted(vec![one.clone(), two.clone()])
+        );
+        // Another kind or value is another index.
+        assert!(
+            store
+                .index_members(IndexKind::Cis2Sid, &uid)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .index_members(IndexKind::User, "other")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        store
+            .index_remove(IndexKind::User, &uid, &one)
+            .await
+            .unwrap();
+        store
+            .index_remove(IndexKind::User, &uid, &one)
+            .await
+            .unwrap();
+        assert_eq!(
+            sorted(store.index_members(IndexKind::User, &uid).await.unwrap()),
+            sorted(vec![two.clone()])
+        );
+        store
+            .index_remove(IndexKind::User, &uid, &two)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .index_members(IndexKind::User, &uid)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    pub async fn index_entries_expire_one_by_one(b: &Backend) {
+        let store = b.store();
+        let sid = random_urlsafe(8);
+        let (short, long) = (new_session_id(), new_session_id());
+        store
+            .index_add(IndexKind::Cis2Sid, &sid, &short, Duration::from_millis(150))
+            .await
+            .unwrap();
+        store
+            .index_add(IndexKind::Cis2Sid, &sid, &long, LONG)
+            .await
+            .unwrap();
+        // A shorter re-add never cuts an entry short.
+        store
+            .index_add(IndexKind::Cis2Sid, &sid, &long, Duration::from_millis(150))
+            .await
+            .unwrap();
+
+        b.let_time_pass(Duration::from_millis(500)).await;
+
+        assert_eq!(
+            sorted(store.index_members(IndexKind::Cis2Sid, &sid).await.unwrap()),
+            sorted(vec![long])
+        );
+    }
+
+    pub async fn a_marker_is_new_only_once(b: &Backend) {
+        let store = b.store();
+        let marker = random_urlsafe(16);
+        assert!(
+            store
+                .first_use(&marker, Duration::from_millis(150))
+                .await
+                .unwrap()
+        );
+        assert!(!store.first_use(&marker, LONG).await.unwrap());
+        assert!(store.first_use(&random_urlsafe(16), LONG).await.unwrap());
+
+        b.let_time_pass(Duration::from_millis(500)).await;
+
+        assert!(
+            store.first_use(&marker, LONG).await.unwrap(),
+            "a marker is forgotten after its TTL"
+        );
+    }
+
+    pub async fn concurrent_first_uses_have_one_winner(b: &Backend) {
+        let store = b.store();
+        let marker = random_urlsafe(16);
+        let start = Arc::new(tokio::sync::Barrier::new(30));
+        let users: Vec<_> = (0..30)
+            .map(|_| {
+                let (store, marker, start) = (store.clone(), marker.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    store.first_use(&marker, LONG).await
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for user in users {
+            if user.await.expect("a task does not panic").unwrap() {
+                winners += 1;
+            }
+        }
+        assert_eq!(winners, 1, "exactly one first use");
+    }
 }
 
 /// Runs every listed case against both stores. The multi-threaded runtime makes the concurrent
@@ -884,6 +1026,10 @@ contract!(
     locks_are_per_session_and_name,
     a_lease_runs_out_unless_renewed,
     concurrent_lockers_get_one_lock,
+    an_index_lists_what_was_added_and_not_removed,
+    index_entries_expire_one_by_one,
+    a_marker_is_new_only_once,
+    concurrent_first_uses_have_one_winner,
 );
 
 /// What only the Redis store has: a key layout, a URL, and a network that fails.
