@@ -260,6 +260,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--broker", default=os.path.join(REPO, "target", "debug", "session-broker"))
     args = parser.parse_args()
+    # Line by line even into a pipe, so progress and a failure's report interleave truthfully.
+    sys.stdout.reconfigure(line_buffering=True)
     with tempfile.TemporaryDirectory(prefix="sb-stubs-") as stubs:
         pb, rpc = generate_stubs(stubs)
         broker = Broker(args.broker)
