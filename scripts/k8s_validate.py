@@ -81,6 +81,10 @@ def json_patch(obj, ops):
                 target[last] = op["value"]
         elif kind == "remove":
             del target[int(last) if isinstance(target, list) else last]
+        elif kind == "test":
+            found = target[int(last)] if isinstance(target, list) else target.get(last)
+            if found != op["value"]:
+                raise Invalid(f"JSON patch test failed at {op['path']}: {found!r} != {op['value']!r}")
         else:
             raise Invalid(f"JSON patch op {kind!r} is not supported here")
     return obj
