@@ -30,6 +30,10 @@ struct Args {
     redis: String,
     #[arg(long, default_value = "127.0.0.1:50061")]
     listen: std::net::SocketAddr,
+    /// Leave Nagle's algorithm on for accepted connections (as `TcpIncoming::from(listener)`
+    /// does), to show what it costs; the default sets TCP_NODELAY, as tonic's builder does.
+    #[arg(long)]
+    nagle: bool,
 }
 
 #[derive(Clone)]
@@ -97,10 +101,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .arg(vec![b'x'; VALUE_BYTES])
         .query_async(&mut redis)
         .await?;
-    println!("floor listening on {}", args.listen);
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay((!args.nagle).then_some(true));
+    println!("floor listening on {} (nagle: {})", args.listen, args.nagle);
     tonic::transport::Server::builder()
         .add_service(Floor { redis })
-        .serve_with_shutdown(args.listen, async {
+        .serve_with_incoming_shutdown(incoming, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
