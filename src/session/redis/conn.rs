@@ -445,3 +445,140 @@ impl ConnectionLike for Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology(mode: Mode, urls: &[&str]) -> Topology {
+        Topology {
+            mode,
+            urls: urls.iter().map(|u| (*u).to_owned()).collect(),
+            sentinel_master_name: (mode == Mode::Sentinel).then(|| "sb".to_owned()),
+            ..Topology::default()
+        }
+    }
+
+    #[test]
+    fn a_plain_url_is_a_standalone_topology_and_the_encoding_round_trips() {
+        let plain = Topology::from_url("redis://h:1").expect("plain");
+        assert_eq!(plain, topology(Mode::Standalone, &["redis://h:1"]));
+        let mut t = topology(Mode::Sentinel, &["redis://s1:26379", "redis://s2:26379"]);
+        t.password = Some("hunter2".into());
+        assert_eq!(Topology::from_url(&t.to_url()).expect("round trip"), t);
+        let err =
+            Topology::from_url("redis-topology:{\"password\":\"hunter2\"").expect_err("truncated");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn topologies_are_checked() {
+        let good = [
+            topology(Mode::Standalone, &["redis://h"]),
+            topology(Mode::Standalone, &["rediss://u:p@h:6380/2"]),
+            topology(Mode::Cluster, &["redis://a:7000", "redis://b:7000"]),
+            topology(Mode::Sentinel, &["redis://s:26379"]),
+        ];
+        for t in good {
+            assert_eq!(t.check(), Ok(()), "{t:?}");
+        }
+        let with = |mut t: Topology, f: fn(&mut Topology)| {
+            f(&mut t);
+            t
+        };
+        let bad = [
+            (topology(Mode::Cluster, &[]), "no Redis URL"),
+            (
+                topology(Mode::Standalone, &["redis://a", "redis://b"]),
+                "exactly one",
+            ),
+            (topology(Mode::Cluster, &["http://a"]), "scheme"),
+            (topology(Mode::Cluster, &["redis://"]), "no host"),
+            (topology(Mode::Cluster, &["redis://a", "rediss://b"]), "mix"),
+            (
+                topology(Mode::Standalone, &["rediss://a/#insecure"]),
+                "fragment",
+            ),
+            (
+                with(topology(Mode::Sentinel, &["redis://s"]), |t| {
+                    t.sentinel_master_name = None
+                }),
+                "sentinel_master_name",
+            ),
+            (
+                with(topology(Mode::Cluster, &["redis://a"]), |t| {
+                    t.sentinel_master_name = Some("m".into())
+                }),
+                "only for sentinel",
+            ),
+            (
+                with(topology(Mode::Standalone, &["redis://a"]), |t| {
+                    t.username = Some("u".into())
+                }),
+                "needs a password",
+            ),
+            (
+                with(topology(Mode::Standalone, &["redis://a"]), |t| {
+                    t.tls_ca_file = Some("/ca.pem".into())
+                }),
+                "rediss",
+            ),
+        ];
+        for (t, needle) in bad {
+            let err = t.check().expect_err(needle);
+            assert!(err.contains(needle), "{t:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn credentials_replace_those_of_the_url_and_never_show() {
+        let mut t = topology(Mode::Standalone, &["redis://old:old-pw@h:1/0"]);
+        t.username = Some("broker".into());
+        t.password = Some("p@ss:w/rd".into());
+        let url = t.data_node_url(&t.urls[0]).expect("valid");
+        let parsed = url::Url::parse(&url).expect("valid");
+        assert_eq!(parsed.username(), "broker");
+        assert_eq!(parsed.password(), Some("p%40ss%3Aw%2Frd"));
+        let shown = format!("{t:?} {}", redact_url(&t.to_url()));
+        assert!(
+            !shown.contains("p@ss") && !shown.contains("old-pw"),
+            "{shown}"
+        );
+        assert!(
+            Connector::new(&t.to_url(), Duration::from_secs(1), Duration::from_secs(1)).is_ok()
+        );
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_refused() {
+        let mut t = topology(Mode::Standalone, &["rediss://h"]);
+        t.tls_ca_file = Some("/nonexistent/ca.pem".into());
+        let err = Connector::new(&t.to_url(), Duration::from_secs(1), Duration::from_secs(1))
+            .err()
+            .expect("no such file");
+        assert!(err.contains("tls_ca_file"), "{err}");
+    }
+
+    #[test]
+    fn which_failures_drop_the_connection() {
+        let io = |kind| -> RedisError { std::io::Error::new(kind, "x").into() };
+        let timeout = io(std::io::ErrorKind::TimedOut);
+        let dropped = io(std::io::ErrorKind::BrokenPipe);
+        let readonly: RedisError = (
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "READONLY",
+            "You can't write against a read only replica.".to_owned(),
+        )
+            .into();
+        let cases = [
+            (&timeout, [true, true, true]),
+            (&dropped, [false, true, false]),
+            (&readonly, [true, true, false]),
+        ];
+        for (e, [standalone, sentinel, cluster]) in cases {
+            assert_eq!(must_reconnect(Mode::Standalone, e), standalone, "{e:?}");
+            assert_eq!(must_reconnect(Mode::Sentinel, e), sentinel, "{e:?}");
+            assert_eq!(must_reconnect(Mode::Cluster, e), cluster, "{e:?}");
+        }
+    }
+}
