@@ -139,7 +139,7 @@ lg() {
   say "$name at $conc callers"
   local line
   line=$(BROKER_TOKEN="$caller_token" $loadgen --addr "$addr" --concurrency "$conc" \
-    --duration "$DURATION" --warmup "$WARMUP" --callback "$CALLBACK" "$@" | tee /dev/stderr | grep '^RESULT')
+    --duration "$DURATION" --warmup "$WARMUP" --callback "$CALLBACK" "$@" | tee -a /dev/stderr | grep '^RESULT')
   echo "$name $conc $line" >>"$results"
 }
 redis_bench() {
@@ -150,10 +150,28 @@ redis_bench() {
   csv=$(redis-benchmark -p "$redis_port" -t get -d 700 -c "$conc" -n $((secs * 60000)) --csv \
     | tail -1)
   # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-  echo "redis-benchmark $conc $csv" | tee /dev/stderr >>"$results"
+  echo "redis-benchmark $conc $csv" | tee -a /dev/stderr >>"$results"
 }
 
 broker="http://127.0.0.1:$grpc_port"
+
+if [ -n "${SOAK_DURATION:-}" ]; then
+  # scripts/soak.sh: mixed load for a long time; RSS, errors and percentiles per interval.
+  say "soak: mixed load for $SOAK_DURATION at ${SOAK_CONCURRENCY:-32} callers"
+  rss() { awk '/^VmRSS:/ {print $2}' "/proc/$broker_pid/status"; }
+  rss_start=$(rss)
+  BROKER_TOKEN="$caller_token" $loadgen --addr "$broker" --rpc mixed \
+    --concurrency "${SOAK_CONCURRENCY:-32}" --duration "$SOAK_DURATION" --warmup 5s \
+    --report-every "${SOAK_REPORT_EVERY:-60s}" --callback "$CALLBACK" --watch-pid "$broker_pid" \
+    | tee "$work/soak.txt"
+  rss_end=$(rss)
+  errors=$(awk '/^RESULT/ {for (i = 1; i <= NF; i++) if ($i ~ /^errors=/) {sub("errors=", "", $i); print $i}}' "$work/soak.txt")
+  echo "broker RSS at start (after warm-up sign-ins): ${rss_start} KiB; at end: ${rss_end} KiB"
+  echo "errors: ${errors:-unknown}"
+  [ "${errors:-1}" = 0 ]
+  exit
+fi
+
 for conc in $CONCURRENCIES; do
   lg floor "$conc" "http://127.0.0.1:$floor_port" --rpc floor
   lg GetCurrentAal "$conc" "$broker" --rpc get-current-aal
