@@ -137,6 +137,10 @@ lg() {
   # lg NAME CONCURRENCY ADDR ARGS...: one load generator run, its RESULT line kept under NAME.
   local name=$1 conc=$2 addr=$3; shift 3
   say "$name at $conc callers"
+  if [ -n "${BENCH_PERF:-}" ] && [ "$name" = GetCurrentAal ]; then
+    # BENCH_PERF=FILE: a CPU profile of the broker during this run (perf from linux-perf).
+    perf record -F 499 -p "$broker_pid" -o "$BENCH_PERF" -- sleep 6 >/dev/null 2>&1 &
+  fi
   local line
   line=$(BROKER_TOKEN="$caller_token" $loadgen --addr "$addr" --concurrency "$conc" \
     --duration "$DURATION" --warmup "$WARMUP" --callback "$CALLBACK" "$@" | tee -a /dev/stderr | grep '^RESULT')
