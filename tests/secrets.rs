@@ -34,7 +34,15 @@ async fn no_secret_reaches_redis_or_the_logs() {
         .with_ansi(false)
         .init();
 
-    let h = Harness::start().await;
+    let h = Harness::start_with(Options {
+        apim: Some(cis2_session_broker::config::Pattern::Separate),
+        ..Options::default()
+    })
+    .await;
+    h.sim.set_backchannel_logout_uri(
+        CLIENT_ID,
+        &format!("http://{}/backchannel-logout", h.http_addr),
+    );
     let mut secrets: Vec<(String, String)> = vec![("client secret".into(), CLIENT_SECRET.into())];
 
     // A sign-in at AAL2 ...
@@ -94,6 +102,84 @@ async fn no_secret_reaches_redis_or_the_logs() {
         .await
         .expect_err("malformed");
 
+    // ... an APIM token for PDS ...
+    let pds = h
+        .client
+        .clone()
+        .get_pds_token(pb::GetPdsTokenRequest {
+            session_token: ex.session_token.clone(),
+            min_validity: None,
+        })
+        .await
+        .expect("a PDS token")
+        .into_inner();
+    secrets.push(("APIM access token".into(), pds.access_token));
+
+    // ... a second session ended by back-channel logout, whose token is then replayed ...
+    let before: Vec<String> = h.sim.sids_of(SMARTCARD_ONLY);
+    let other = h
+        .sign_in(pb::Aal::Aal3, SMARTCARD_ONLY, None)
+        .await
+        .expect("second session");
+    let sid = h
+        .sim
+        .sids_of(SMARTCARD_ONLY)
+        .into_iter()
+        .find(|s| !before.contains(s))
+        .expect("its CIS2 sid");
+    let claims = h
+        .sim
+        .logout_token_claims(CLIENT_ID, Some(&sid), Some(SMARTCARD_ONLY));
+    let logout_token = h.sim.sign_logout_token(&claims, false);
+    for expected in [200, 400] {
+        let (status, _) = h
+            .sim
+            .post_logout_token(CLIENT_ID, &logout_token)
+            .await
+            .expect("delivered");
+        assert_eq!(status, expected);
+    }
+    h.session(&other.session_token)
+        .await
+        .expect_err("signed out by CIS2");
+    secrets.extend([
+        ("logout token".into(), logout_token),
+        ("second session token".into(), other.session_token),
+    ]);
+
+    // ... and a logout, whose end-session URL carries the ID token.
+    let out = h
+        .client
+        .clone()
+        .logout(pb::LogoutRequest {
+            session_token: ex.session_token.clone(),
+            post_logout_redirect_uri: String::new(),
+        })
+        .await
+        .expect("logout")
+        .into_inner();
+    secrets.push(("end-session URL".into(), out.end_session_url));
+    h.session(&ex.session_token).await.expect_err("signed out");
+
+    // A live session (with its cached PDS token) for the scan to look through.
+    let live = h
+        .sign_in(pb::Aal::Aal2, SMARTCARD_AND_PASSKEY, Some("PASSKEY"))
+        .await
+        .expect("a live session to look for");
+    let live_pds = h
+        .client
+        .clone()
+        .get_pds_token(pb::GetPdsTokenRequest {
+            session_token: live.session_token.clone(),
+            min_validity: None,
+        })
+        .await
+        .expect("a PDS token for the live session")
+        .into_inner();
+    secrets.extend([
+        ("live APIM access token".into(), live_pds.access_token),
+        ("live session token".into(), live.session_token.clone()),
+    ]);
     for (i, t) in h.sim.issued_tokens().into_iter().enumerate() {
         secrets.push((format!("issued token {i}"), t));
     }
@@ -124,10 +210,13 @@ async fn no_secret_reaches_redis_or_the_logs() {
         );
     }
     // Personal details are sealed too: the user's name is not readable from Redis.
-    let name = h
-        .session(&ex.session_token)
-        .await
-        .expect("live")
+    assert!(
+        dump.iter().all(|(k, _)| !k.contains(SMARTCARD_AND_PASSKEY)),
+        "a key names the user"
+    );
+    let name = live
+        .session
+        .expect("session")
         .user
         .expect("user")
         .family_name;
