@@ -271,7 +271,8 @@ client_id = {CLIENT_ID:?}
 {auth}
 redirect_uris = [{CALLBACK:?}]
 http_timeout = "3s"
-jwks_min_refresh_interval = "1s"{extra}
+jwks_min_refresh_interval = "1s"
+{extra}
 {apim_toml}
 {callers}
 "#,
