@@ -1051,4 +1051,169 @@ mod tests {
             assert_eq!(userinfo_from_claims(&doc, "1"), Err(want), "{doc}");
         }
     }
+
+    fn logout_good() -> Value {
+        json!({
+            "iss": ISS, "aud": CLIENT, "iat": NOW - 5, "exp": NOW + 120, "jti": "jti-1",
+            "sid": "cis2-session-1", "sub": "656005750108",
+            "events": { BACKCHANNEL_LOGOUT_EVENT: {} },
+        })
+    }
+
+    #[test]
+    fn logout_token_claim_rules() {
+        let event = |v: Value| json!({ BACKCHANNEL_LOGOUT_EVENT: v });
+        let cases: Vec<(&str, Vec<Edit>, Result<(), Rejection>)> = vec![
+            ("good", vec![], Ok(())),
+            ("sid only", vec![Remove("sub")], Ok(())),
+            ("sub only", vec![Remove("sid")], Ok(())),
+            ("aud list", vec![Set("aud", json!(["x", CLIENT]))], Ok(())),
+            ("no exp, recent iat", vec![Remove("exp")], Ok(())),
+            ("JWT extra claims", vec![Set("x", json!(1))], Ok(())),
+            (
+                "nonce",
+                vec![Set("nonce", json!("n"))],
+                Err(Rejection::NonceInLogoutToken),
+            ),
+            (
+                "null nonce",
+                vec![Set("nonce", Value::Null)],
+                Err(Rejection::NonceInLogoutToken),
+            ),
+            (
+                "no events",
+                vec![Remove("events")],
+                Err(Rejection::Missing("events")),
+            ),
+            (
+                "events a string",
+                vec![Set("events", json!("x"))],
+                Err(Rejection::Malformed("events")),
+            ),
+            (
+                "other event",
+                vec![Set("events", json!({"x": {}}))],
+                Err(Rejection::MissingLogoutEvent),
+            ),
+            (
+                "event not an object",
+                vec![Set("events", event(json!(true)))],
+                Err(Rejection::MissingLogoutEvent),
+            ),
+            (
+                "neither sid nor sub",
+                vec![Remove("sid"), Remove("sub")],
+                Err(Rejection::NoSessionOrSubject),
+            ),
+            (
+                "empty sid and sub",
+                vec![Set("sid", json!("")), Set("sub", json!(""))],
+                Err(Rejection::NoSessionOrSubject),
+            ),
+            (
+                "sid a number",
+                vec![Set("sid", json!(1))],
+                Err(Rejection::Malformed("sid")),
+            ),
+            (
+                "no jti",
+                vec![Remove("jti")],
+                Err(Rejection::Missing("jti")),
+            ),
+            (
+                "empty jti",
+                vec![Set("jti", json!(""))],
+                Err(Rejection::Empty("jti")),
+            ),
+            (
+                "wrong iss",
+                vec![Set("iss", json!("https://x"))],
+                Err(Rejection::WrongIssuer {
+                    got: "https://x".into(),
+                    want: ISS.into(),
+                }),
+            ),
+            (
+                "wrong aud",
+                vec![Set("aud", json!("other"))],
+                Err(Rejection::WrongAudience),
+            ),
+            (
+                "no aud",
+                vec![Remove("aud")],
+                Err(Rejection::Missing("aud")),
+            ),
+            (
+                "no iat",
+                vec![Remove("iat")],
+                Err(Rejection::Missing("iat")),
+            ),
+            (
+                "iat in the future",
+                vec![Set("iat", json!(NOW + 3600))],
+                Err(Rejection::IssuedInFuture),
+            ),
+            (
+                "expired",
+                vec![Set("exp", json!(NOW - 3600))],
+                Err(Rejection::Expired),
+            ),
+            (
+                "exp a string",
+                vec![Set("exp", json!("soon"))],
+                Err(Rejection::Malformed("exp")),
+            ),
+            (
+                "old without exp",
+                vec![Remove("exp"), Set("iat", json!(NOW - 3600))],
+                Err(Rejection::TooOld),
+            ),
+        ];
+        for (name, edits, want) in cases {
+            let mut claims = logout_good();
+            for edit in edits {
+                match edit {
+                    Set(k, v) => claims[k] = v,
+                    Remove(k) => {
+                        claims.as_object_mut().expect("object").remove(k);
+                    }
+                }
+            }
+            let rules = ClaimRules {
+                issuer: ISS,
+                client_id: CLIENT,
+                clock_skew: Duration::from_secs(60),
+            };
+            let got = check_logout_token_claims(&claims, &rules, at(NOW)).map(|_| ());
+            assert_eq!(got, want, "{name}");
+        }
+        assert_eq!(
+            check_logout_token_claims(
+                &json!([1]),
+                &ClaimRules {
+                    issuer: ISS,
+                    client_id: CLIENT,
+                    clock_skew: Duration::ZERO
+                },
+                at(NOW)
+            ),
+            Err(Rejection::NotAnObject)
+        );
+    }
+
+    #[test]
+    fn a_logout_token_is_acceptable_until_exp_or_iat_plus_the_max_age() {
+        let rules = ClaimRules {
+            issuer: ISS,
+            client_id: CLIENT,
+            clock_skew: Duration::ZERO,
+        };
+        let c = check_logout_token_claims(&logout_good(), &rules, at(NOW)).expect("good");
+        assert_eq!(c.acceptable_until, NOW + 120);
+        assert_eq!(c.jti, "jti-1");
+        let mut no_exp = logout_good();
+        no_exp.as_object_mut().expect("object").remove("exp");
+        let c = check_logout_token_claims(&no_exp, &rules, at(NOW)).expect("good");
+        assert_eq!(c.acceptable_until, NOW - 5 + 600);
+    }
 }

@@ -331,4 +331,24 @@ mod tests {
             Some(Rejection::KeyNotUsable)
         );
     }
+
+    #[test]
+    fn logout_typ_is_logout_jwt_or_jwt_when_present() {
+        let with = |h: Value| format!("{}.e30.c2ln", b64(&h));
+        let cases = [
+            (with(json!({"alg": "RS256"})), Ok(())),
+            (with(json!({"typ": "logout+jwt"})), Ok(())),
+            (with(json!({"typ": "application/logout+jwt"})), Ok(())),
+            (with(json!({"typ": "Logout+JWT"})), Ok(())),
+            (with(json!({"typ": "JWT"})), Ok(())),
+            (with(json!({"typ": "at+jwt"})), Err(Rejection::WrongType)),
+            (with(json!({"typ": ""})), Err(Rejection::WrongType)),
+            (with(json!({"typ": 1})), Err(Rejection::WrongType)),
+            ("%%%.e30.c2ln".to_owned(), Err(Rejection::MalformedJwt)),
+            (String::new(), Err(Rejection::MalformedJwt)),
+        ];
+        for (token, want) in cases {
+            assert_eq!(check_logout_typ(&token), want, "{token}");
+        }
+    }
 }
