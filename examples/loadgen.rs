@@ -75,6 +75,11 @@ struct Args {
     /// Stop after this many operations in all, whatever the duration.
     #[arg(long, default_value_t = 50_000_000)]
     max_ops: u64,
+    /// When GetPdsToken answers SESSION_INVALID (the ID token and APIM token have both run
+    /// out, by design), sign that session in again as a real client would; counted as
+    /// `renewed`, not as an error. The soak test turns this on.
+    #[arg(long)]
+    renew_sessions: bool,
     /// Print this process's VmRSS with every report (the soak test passes the broker's pid).
     #[arg(long)]
     watch_pid: Option<u32>,
@@ -101,11 +106,14 @@ struct Window {
     /// Latencies of successful calls, microseconds.
     micros: Vec<u32>,
     errors: BTreeMap<String, u64>,
+    /// Sessions signed in again after GetPdsToken said SESSION_INVALID (`--renew-sessions`).
+    renewed: u64,
 }
 
 impl Window {
     fn merge(&mut self, other: Window) {
         self.micros.extend(other.micros);
+        self.renewed += other.renewed;
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -191,17 +199,26 @@ async fn prepare(target: &Arc<Target>) -> Result<(), Box<dyn std::error::Error>>
     Ok(())
 }
 
-/// The signed-in sessions, set once before the run.
-struct Sessions(std::sync::OnceLock<Vec<String>>);
+/// The signed-in sessions, set once before the run; `--renew-sessions` replaces one whose
+/// sign-in has run out.
+struct Sessions(std::sync::OnceLock<Vec<Mutex<String>>>);
 static SESSIONS: Sessions = Sessions(std::sync::OnceLock::new());
 impl Sessions {
     fn set_once(&self, s: Vec<String>) {
-        let _ = self.0.set(s);
+        let _ = self.0.set(s.into_iter().map(Mutex::new).collect());
     }
-    fn get(&self, i: usize) -> &str {
+    fn get(&self, i: usize) -> String {
         match self.0.get() {
-            Some(v) if !v.is_empty() => &v[i % v.len()],
-            _ => "",
+            Some(v) if !v.is_empty() => v[i % v.len()]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            _ => String::new(),
+        }
+    }
+    fn replace(&self, i: usize, token: String) {
+        if let Some(v) = self.0.get().filter(|v| !v.is_empty()) {
+            *v[i % v.len()].lock().unwrap_or_else(|p| p.into_inner()) = token;
         }
     }
 }
@@ -296,9 +313,11 @@ fn reason(status: &tonic::Status) -> String {
 }
 
 /// One call of the chosen RPC; `n` picks the session and, in the mix, the RPC.
-async fn call_once(target: &Target, worker: usize, n: u64) -> Result<(), String> {
+async fn call_once(target: &Target, worker: usize, n: u64) -> Result<Done, String> {
     let conn = worker % target.clients.len();
-    let session = SESSIONS.get(worker + n as usize);
+    let slot = worker + n as usize;
+    let session = SESSIONS.get(slot);
+    let session = session.as_str();
     let rpc = match target.args.rpc {
         Rpc::Mixed => match (n.wrapping_mul(2654435761) >> 7) % 100 {
             0 => Rpc::Login,
@@ -323,11 +342,28 @@ async fn call_once(target: &Target, worker: usize, n: u64) -> Result<(), String>
             .await
             .map(|_| ()),
         Rpc::GetPdsToken => pds_token(client, session).await,
-        Rpc::Login => return sign_in(client, &target.args).await.map(|_| ()),
+        Rpc::Login => return sign_in(client, &target.args).await.map(|_| Done::Called),
         Rpc::Floor => floor_get(target.floor[conn].clone()).await,
         Rpc::Mixed => unreachable!("the mix picked a single RPC above"),
     };
-    result.map_err(|s| reason(&s))
+    match result.map_err(|s| reason(&s)) {
+        Ok(()) => Ok(Done::Called),
+        Err(r)
+            if r == "SESSION_INVALID" && rpc == Rpc::GetPdsToken && target.args.renew_sessions =>
+        {
+            let fresh = sign_in(target.clients[conn].clone(), &target.args).await?;
+            SESSIONS.replace(slot, fresh);
+            Ok(Done::Renewed)
+        }
+        Err(r) => Err(r),
+    }
+}
+
+/// What a successful call did.
+enum Done {
+    Called,
+    /// Signed its session in again (`--renew-sessions`): not timed.
+    Renewed,
 }
 
 async fn floor_get(mut grpc: tonic::client::Grpc<Channel>) -> Result<(), tonic::Status> {
@@ -404,7 +440,8 @@ async fn run(target: Arc<Target>) -> Vec<Window> {
                     local_index = index;
                 }
                 match outcome {
-                    Ok(()) => local
+                    Ok(Done::Renewed) => local.renewed += 1,
+                    Ok(Done::Called) => local
                         .micros
                         .push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX)),
                     Err(reason) => *local.errors.entry(reason).or_default() += 1,
@@ -494,6 +531,9 @@ fn summary(w: &mut Window, over: Duration) -> String {
         w.micros.last().copied().unwrap_or(0),
         w.micros.len(),
     );
+    if w.renewed > 0 {
+        line.push_str(&format!(" renewed={}", w.renewed));
+    }
     for (reason, count) in &w.errors {
         line.push_str(&format!(" {reason}={count}"));
     }
@@ -506,6 +546,7 @@ fn report_total(args: &Args, windows: &[Window]) {
         total.merge(Window {
             micros: w.micros.clone(),
             errors: w.errors.clone(),
+            renewed: w.renewed,
         });
     }
     let over = MEASURED.get().copied().unwrap_or(args.duration);

@@ -167,7 +167,7 @@ if [ -n "${SOAK_DURATION:-}" ]; then
   BROKER_TOKEN="$caller_token" $loadgen --addr "$broker" --rpc mixed \
     --concurrency "${SOAK_CONCURRENCY:-32}" --duration "$SOAK_DURATION" --warmup 5s \
     --report-every "${SOAK_REPORT_EVERY:-60s}" --callback "$CALLBACK" --watch-pid "$broker_pid" \
-    | tee "$work/soak.txt"
+    --renew-sessions | tee "$work/soak.txt"
   rss_end=$(rss)
   errors=$(awk '/^RESULT/ {for (i = 1; i <= NF; i++) if ($i ~ /^errors=/) {sub("errors=", "", $i); print $i}}' "$work/soak.txt")
   echo "broker RSS at start (after warm-up sign-ins): ${rss_start} KiB; at end: ${rss_end} KiB"
