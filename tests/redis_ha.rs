@@ -274,14 +274,25 @@ async fn sentinel_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("a sentinel answers")
 }
 
+/// The master's address as the sentinel names it. A loaded machine can make one query time out,
+/// so it is asked again (for up to 30 s) rather than failing the test on a slow answer.
 async fn master_addr(sentinel: &mut redis::aio::MultiplexedConnection, name: &str) -> String {
-    let (host, port): (String, String) = redis::cmd("SENTINEL")
-        .arg("GET-MASTER-ADDR-BY-NAME")
-        .arg(name)
-        .query_async(sentinel)
-        .await
-        .expect("the sentinel knows the master");
-    format!("{host}:{port}")
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let asked: Result<(String, String), _> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(name)
+            .query_async(sentinel)
+            .await;
+        match asked {
+            Ok((host, port)) => return format!("{host}:{port}"),
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the sentinel never answered: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Whether the server at `addr` holds the session record `id` (read directly, not via the store).
