@@ -73,7 +73,8 @@ and an authenticator there; you come back here with a broker session.</p>
 <a class="button" id="login-aal2" href="/dev/login?aal=2">Sign in (any authenticator)</a>
 <a class="button" id="login-aal3" href="/dev/login?aal=3">Sign in with a smartcard or similar</a></div>
 <div class="card"><h2>Or drive it over gRPC</h2><pre>grpcurl -plaintext {grpc} list
-grpcurl -plaintext -d '{{"redirect_uri":"{cb}"}}' {grpc} session_broker.v1.SessionBroker/StartLogin</pre>
+export TOKEN=sbc_...   # the caller token dev mode printed at start-up
+grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"redirect_uri":"{cb}"}}' {grpc} session_broker.v1.SessionBroker/StartLogin</pre>
 <p>Open the <code>authorization_url</code> it returns; the simulator sends the browser back to this page.</p></div>"#,
             grpc = esc(&s.pages.grpc_addr),
             cb = esc(&s.pages.callback_url)
@@ -266,9 +267,9 @@ fn session_html(v: &SessionView, headline: &str, token: Option<&str>, grpc: &str
 <a class="button" id="try-eps" href="/dev/token?api=eps">Get a prescribing (EPS) token</a>
 <a class="button secondary" href="/dev/check?api=eps">Check EPS access</a>
 <a class="button secondary" href="/dev">Start again</a></p></div>
-<div class="card"><h2>Try it over gRPC</h2><pre>grpcurl -plaintext -d '{{"session_token":"{token}"}}' {grpc} session_broker.v1.SessionBroker/GetCurrentAal
-grpcurl -plaintext -d '{{"session_token":"{token}"}}' {grpc} session_broker.v1.SessionBroker/GetSession
-grpcurl -plaintext -d '{{"session_token":"{token}","api":"eps"}}' {grpc} session_broker.v1.SessionBroker/CheckAccess</pre></div>"#,
+<div class="card"><h2>Try it over gRPC</h2><pre>grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"session_token":"{token}"}}' {grpc} session_broker.v1.SessionBroker/GetCurrentAal
+grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"session_token":"{token}"}}' {grpc} session_broker.v1.SessionBroker/GetSession
+grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"session_token":"{token}","api":"eps"}}' {grpc} session_broker.v1.SessionBroker/CheckAccess</pre></div>"#,
         headline = esc(headline),
         name = esc(&v.user.name),
         uid = esc(&v.user.uid),
