@@ -6,6 +6,7 @@ use crate::apim::{IssuedToken, TokenService, TokenSubject};
 use crate::clock::{Clock, from_unix_seconds, unix_seconds};
 use crate::config::{ApimConfig, Cis2Config, Pattern, SessionConfig};
 use crate::error::{BrokerError, FieldViolation, Result};
+use crate::metrics;
 use crate::oidc::{
     AuthorizationRequest, Cis2Client, IdTokenClaims, IdTokenExpectations, OidcError, pkce,
 };
@@ -334,6 +335,9 @@ impl Broker {
             return Err(BrokerError::Internal("pending login key collision".into()));
         }
         info!(aal = %required_aal, acr_values, "sign-in started");
+        if is_step_up {
+            metrics::step_up(metrics::StepUp::Started);
+        }
         Ok(LoginStarted {
             authorization_url: url.to_string(),
             state,
@@ -384,6 +388,10 @@ impl Broker {
                     warn!(error = %e, "pending sign-in could not be opened");
                     BrokerError::LoginStateInvalid
                 })?;
+        // Counts a failed step-up on every early return below, unless marked a success.
+        let mut step_up_outcome = StepUpOutcome {
+            armed: pending.step_up.is_some(),
+        };
 
         if !req.error.is_empty() {
             return Err(BrokerError::LoginRejected {
@@ -475,6 +483,7 @@ impl Broker {
             Some(step_up) => {
                 let view = self.step_up(&step_up, signed_in, now).await?;
                 info!(session_id = %view.session_id, aal = %view.aal, "session stepped up");
+                step_up_outcome.succeeded();
                 Ok(Exchanged {
                     session_token: None,
                     session: view,
@@ -485,6 +494,7 @@ impl Broker {
             None => {
                 let (token, view) = self.create(signed_in, now).await?;
                 info!(session_id = %view.session_id, aal = %view.aal, authenticator = view.authenticator, "session created");
+                metrics::sign_in(view.aal, &view.authenticator);
                 Ok(Exchanged {
                     session_token: Some(token),
                     session: view,
@@ -1116,6 +1126,28 @@ impl Broker {
             .duration_since(now)
             .unwrap_or(Duration::ZERO);
         idle.min(left)
+    }
+}
+
+/// Records a step-up as failed when dropped, unless it was marked a success first.
+struct StepUpOutcome {
+    armed: bool,
+}
+
+impl StepUpOutcome {
+    fn succeeded(&mut self) {
+        if self.armed {
+            metrics::step_up(metrics::StepUp::Succeeded);
+        }
+        self.armed = false;
+    }
+}
+
+impl Drop for StepUpOutcome {
+    fn drop(&mut self) {
+        if self.armed {
+            metrics::step_up(metrics::StepUp::Failed);
+        }
     }
 }
 

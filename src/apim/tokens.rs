@@ -271,8 +271,10 @@ impl TokenService {
             .and_then(|(_, sealed)| self.inner.open(s.session_id, &field, sealed));
         let now = self.inner.clock.now();
         if let Some(grant) = seen.as_ref().filter(|g| g.valid_for(now) > min_validity) {
+            crate::metrics::token_cache(true);
             return Ok(grant.issued());
         }
+        crate::metrics::token_cache(false);
         let job = Arc::new(Job {
             session_id: s.session_id.clone(),
             field,

@@ -18,7 +18,10 @@ pub enum StoreError {
 impl From<StoreError> for crate::error::BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(cause) => crate::error::BrokerError::StoreUnavailable(cause),
+            StoreError::Unavailable(cause) => {
+                crate::metrics::redis_error();
+                crate::error::BrokerError::StoreUnavailable(cause)
+            }
         }
     }
 }
