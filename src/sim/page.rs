@@ -19,21 +19,8 @@ pub(crate) struct SignInView<'a> {
     pub select_role: bool,
 }
 
-/// `&`, `<`, `>`, `"` and `'` as character references: safe in text and in quoted attributes.
-pub(crate) fn escape(raw: &str) -> String {
-    let mut out = String::with_capacity(raw.len());
-    for c in raw.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
+/// `&`, `<`, `>`, `"` and `'` as character references: the broker's one HTML escaping.
+pub(crate) use crate::http::escape_html as escape;
 
 pub(crate) fn sign_in(view: &SignInView<'_>) -> String {
     let mut body = String::new();
