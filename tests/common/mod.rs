@@ -163,6 +163,35 @@ pub struct Harness {
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// A broker app serving on fresh loopback ports until `stop` fires.
+struct Served {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+async fn serve(app: App) -> Served {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
+    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
+    let grpc_addr = grpc.local_addr().expect("bound");
+    let http_addr = http.local_addr().expect("bound");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        server::run(app, grpc, http, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("broker runs");
+    });
+    Served {
+        grpc_addr,
+        http_addr,
+        stop,
+        server,
+    }
+}
+
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -304,21 +333,12 @@ jwks_min_refresh_interval = "1s"
             .clone()
             .unwrap_or_else(|| std::sync::Arc::new(cis2_session_broker::clock::SystemClock));
         let app = server::build(&config, clock.clone()).expect("broker builds");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
-        let grpc_addr = grpc.local_addr().expect("bound");
-        let http_addr = http.local_addr().expect("bound");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn({
-            let app = app.clone();
-            async move {
-                server::run(app, grpc, http, async move {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("broker runs");
-            }
-        });
+        let Served {
+            grpc_addr,
+            http_addr,
+            stop,
+            server,
+        } = serve(app.clone()).await;
         let endpoint = match &opts.client_tls {
             None => Channel::from_shared(format!("http://{grpc_addr}")).expect("valid URI"),
             Some(tls) => Channel::from_shared(format!("https://{grpc_addr}"))
@@ -350,18 +370,13 @@ jwks_min_refresh_interval = "1s"
     /// A second broker on the same configuration and store: another replica.
     pub async fn replica(&self) -> Replica {
         let app = server::build(&self.config, self.clock.clone()).expect("replica builds");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
-        let addr = grpc.local_addr().expect("bound");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            server::run(app, grpc, http, async move {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("replica runs");
-        });
-        let channel = Channel::from_shared(format!("http://{addr}"))
+        let Served {
+            grpc_addr,
+            stop,
+            server,
+            ..
+        } = serve(app).await;
+        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
             .expect("valid URI")
             .connect()
             .await
