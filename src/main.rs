@@ -9,6 +9,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+// A quarter of the hot path's CPU went to glibc's malloc and free (docs/benchmarks.md): each
+// call allocates and frees many small buffers across threads, which mimalloc serves faster.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "session-broker",
