@@ -527,9 +527,8 @@ impl Broker {
         let token = SessionToken::generate();
         let id = token.id();
         let ttl = self.ttl_for(&record, now);
-        let sealed = self
-            .keys
-            .seal_json(&record, &session_aad(&id))
+        let sealed = record
+            .seal(&self.keys, &session_aad(&id))
             .map_err(internal)?;
         if !self.store.create_session(&id, &sealed, ttl).await? {
             return Err(BrokerError::Internal("session id collision".into()));
@@ -539,7 +538,7 @@ impl Broker {
             let _ = self.store.delete_session(&id).await;
             return Err(e.into());
         }
-        let view = view(&id, &record, now + ttl);
+        let view = view(&id, record, now + ttl);
         Ok((token, view))
     }
 
@@ -573,9 +572,8 @@ impl Broker {
         }
         record.generation = record.generation.wrapping_add(1);
         let ttl = self.ttl_for(&record, now);
-        let sealed = self
-            .keys
-            .seal_json(&record, &session_aad(&current.id))
+        let sealed = record
+            .seal(&self.keys, &session_aad(&current.id))
             .map_err(internal)?;
         if !self
             .store
@@ -598,22 +596,20 @@ impl Broker {
         {
             warn!(session_id = %current.id, error = %e, "could not drop the lower-level tokens");
         }
-        Ok(view(&current.id, &record, now + ttl))
+        Ok(view(&current.id, record, now + ttl))
     }
 
-    /// The hot path: one store read, and a write at most once per touch interval.
-    #[instrument(skip_all, fields(session_id))]
+    /// The hot path: one store read, and a write at most once per touch interval. The hot
+    /// RPCs open no span of their own: they record on the RPC's server span
+    /// (`telemetry::grpc`), which declares `session_id` and `api`.
     pub async fn get_session(&self, session_token: &str) -> Result<SessionView> {
         let loaded = self.load(session_token).await?;
-        tracing::Span::current().record("session_id", loaded.id.as_str());
-        Ok(view(&loaded.id, &loaded.record, loaded.idle_expires_at))
+        Ok(view(&loaded.id, loaded.record, loaded.idle_expires_at))
     }
 
-    #[instrument(skip_all, fields(api, session_id))]
     pub async fn check_access(&self, session_token: &str, api: &str) -> Result<AccessCheck> {
         let policy = self.api_policy(api)?;
         let loaded = self.load(session_token).await?;
-        tracing::Span::current().record("session_id", loaded.id.as_str());
         let (allowed, message) =
             match policy::decide(policy, loaded.record.aal, loaded.record.user.ial) {
                 Access::Allowed => (true, String::new()),
@@ -639,12 +635,14 @@ impl Broker {
                 format!("is longer than {} bytes", limits::API),
             ));
         }
-        self.policy.get(api).ok_or_else(|| {
+        let policy = self.policy.get(api).ok_or_else(|| {
             BrokerError::invalid(
                 "api",
                 "is not an API of the policy table (see ListApiPolicies)",
             )
-        })
+        })?;
+        tracing::Span::current().record("api", policy.api.as_str());
+        Ok(policy)
     }
 
     async fn load(&self, session_token: &str) -> Result<Loaded> {
@@ -665,6 +663,7 @@ impl Broker {
     }
 
     async fn load_by_id(&self, id: SessionId, with_tokens: bool) -> Result<Loaded> {
+        tracing::Span::current().record("session_id", id.as_str());
         let (stored, tokens) = if with_tokens {
             self.store
                 .get_session_with_tokens(&id)
@@ -679,14 +678,10 @@ impl Broker {
                 Vec::new(),
             )
         };
-        let record: SessionRecord = self
-            .keys
-            .open_json(&stored.sealed, &session_aad(&id))
-            .map_err(|e| {
-                // A removed encryption key, or tampering: either way this session is gone.
-                warn!(session_id = %id, error = %e, "session record could not be opened");
-                BrokerError::SessionInvalid
-            })?;
+        // A removed encryption key, or tampering: either way this session is gone.
+        let record = self
+            .open_record(&id, &stored)
+            .ok_or(BrokerError::SessionInvalid)?;
         let now = self.clock.now();
         let expires_at = from_unix_seconds(record.expires_at);
         if expires_at <= now || stored.ttl.is_zero() {
@@ -714,7 +709,6 @@ impl Broker {
     }
 
     /// A user-restricted APIM access token for `api`, if the session's level allows it.
-    #[instrument(skip_all, fields(api, session_id))]
     pub async fn get_api_token(
         &self,
         session_token: &str,
@@ -744,7 +738,6 @@ impl Broker {
             });
         };
         let loaded = self.load_with_tokens(session_token).await?;
-        tracing::Span::current().record("session_id", loaded.id.as_str());
         let record = &loaded.record;
         match policy::decide(policy, record.aal, record.user.ial) {
             Access::Allowed => {}
@@ -863,9 +856,8 @@ impl Broker {
         let token = SessionToken::generate();
         let id = token.id();
         let ttl = self.ttl_for(&record, now);
-        let sealed = self
-            .keys
-            .seal_json(&record, &session_aad(&id))
+        let sealed = record
+            .seal(&self.keys, &session_aad(&id))
             .map_err(internal)?;
         if !self.store.create_session(&id, &sealed, ttl).await? {
             return Err(BrokerError::Internal("session id collision".into()));
@@ -886,7 +878,7 @@ impl Broker {
         info!(session_id = %id, aal = %record.aal, "session created (combined pattern)");
         Ok(Exchanged {
             session_token: Some(token),
-            session: view(&id, &record, now + ttl),
+            session: view(&id, record, now + ttl),
             stepped_up: false,
             app_state: pending.app_state,
         })
@@ -970,7 +962,7 @@ impl Broker {
             };
             match self.open_record(&id, &stored) {
                 Some(record) if record.user.uid == uid && !stored.ttl.is_zero() => {
-                    views.push(view(&id, &record, now + stored.ttl));
+                    views.push(view(&id, record, now + stored.ttl));
                 }
                 _ => {}
             }
@@ -1072,8 +1064,7 @@ impl Broker {
     }
 
     fn open_record(&self, id: &SessionId, stored: &StoredSession) -> Option<SessionRecord> {
-        self.keys
-            .open_json(&stored.sealed, &session_aad(id))
+        SessionRecord::open(&self.keys, &stored.sealed, &session_aad(id))
             .map_err(|e| warn!(session_id = %id, error = %e, "session record could not be opened"))
             .ok()
     }
@@ -1160,18 +1151,18 @@ struct SignedIn {
     claims: IdTokenClaims,
 }
 
-fn view(id: &SessionId, r: &SessionRecord, idle_expires_at: SystemTime) -> SessionView {
+fn view(id: &SessionId, r: SessionRecord, idle_expires_at: SystemTime) -> SessionView {
     SessionView {
         session_id: id.clone(),
-        user: r.user.clone(),
-        selected_role: r.selected_role.clone(),
-        roles: r.roles.clone(),
-        organisations: r.organisations.clone(),
+        authenticator: authenticator_label(&r.amr),
+        user: r.user,
+        selected_role: r.selected_role,
+        roles: r.roles,
+        organisations: r.organisations,
         aal: r.aal,
         aal_source: r.aal_source,
-        acr: r.acr.clone(),
-        amr: r.amr.clone(),
-        authenticator: authenticator_label(&r.amr),
+        acr: r.acr,
+        amr: r.amr,
         auth_time: from_unix_seconds(r.auth_time),
         created_at: from_unix_seconds(r.created_at),
         idle_expires_at,

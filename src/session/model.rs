@@ -1,5 +1,7 @@
-//! What a session and a pending sign-in hold. Both are sealed as a whole (`KeyRing::seal_json`)
-//! before they reach the store, so names and roles are as protected as the tokens.
+//! What a session and a pending sign-in hold. Both are sealed as a whole before they reach the
+//! store (a session by `SessionRecord::seal`, in the form `codec` defines; a pending sign-in by
+//! `KeyRing::seal_json`), so names and roles are as protected as the tokens. `SessionRecord`
+//! keeps its serde derives for the JSON form earlier versions stored.
 
 use crate::aal::{Aal, AalSource};
 use crate::secret::Secret;
