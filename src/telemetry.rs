@@ -3,12 +3,15 @@
 //! - Logs: level from `RUST_LOG` (default `info`); JSON lines in production, each carrying the
 //!   `trace_id` and `span_id` of the call it belongs to; text in dev mode. Log lines carry fields,
 //!   never secrets: secrets are `Secret`s and print `[redacted]`.
-//! - Traces: the `tracing` spans of this crate become OpenTelemetry spans. They are exported over
-//!   OTLP/gRPC only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set; the other
-//!   standard variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
-//!   `OTEL_TRACES_SAMPLER_ARG`, `OTEL_EXPORTER_OTLP_HEADERS`, `..._TIMEOUT`, `OTEL_SDK_DISABLED`,
-//!   `OTEL_TRACES_EXPORTER=none`) apply as the specification says. Without an exporter, spans
-//!   still exist: a caller's `traceparent` still reaches CIS2 and APIM, and logs still carry ids.
+//! - Traces: the `tracing` spans of this crate become OpenTelemetry spans when they are exported
+//!   over OTLP/gRPC, that is when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set;
+//!   the other standard variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+//!   `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`, `OTEL_EXPORTER_OTLP_HEADERS`,
+//!   `..._TIMEOUT`, `OTEL_SDK_DISABLED`, `OTEL_TRACES_EXPORTER=none`) apply as the specification
+//!   says. Without an exporter no OpenTelemetry span is made (building them cost a third of the
+//!   hot path's CPU, docs/benchmarks.md), and the broker passes a caller's trace context through
+//!   as the specification's no-op tracer does: CIS2 and APIM receive the caller's `traceparent`,
+//!   and log lines carry the caller's trace and span ids.
 //! - [`grpc`]: the tower layer giving each RPC its server span and its metrics.
 //! - [`inject_context`] / [`extract_context`]: W3C `traceparent`/`tracestate` on HTTP headers.
 
@@ -22,7 +25,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Level;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -55,14 +58,17 @@ pub enum LogFormat {
 /// the last spans are exported before the process exits.
 #[must_use = "dropping it without shutdown() may lose the last spans"]
 pub struct Telemetry {
-    provider: SdkTracerProvider,
+    /// `None` when nothing is exported.
+    provider: Option<SdkTracerProvider>,
 }
 
 impl Telemetry {
     /// Exports every buffered span and stops the exporter. It blocks on the exporter, so it runs
     /// on a blocking thread.
     pub async fn shutdown(self) {
-        let provider = self.provider;
+        let Some(provider) = self.provider else {
+            return;
+        };
         let flushed = tokio::task::spawn_blocking(move || {
             let _ = provider.force_flush();
             provider.shutdown()
@@ -89,16 +95,32 @@ pub fn init(format: LogFormat) -> Telemetry {
 }
 
 /// Installs logging and tracing with a tracer provider of the caller's: [`init`] passes one
-/// built from the environment; tests pass one with an in-memory exporter. When a global
-/// subscriber is already installed (a second call in one test binary), that one stays.
-pub fn install(format: LogFormat, provider: SdkTracerProvider) -> Telemetry {
-    let tracer = provider.tracer(SCOPE);
+/// built from the environment when spans are exported, none otherwise; tests pass one with an
+/// in-memory exporter. When a global subscriber is already installed (a second call in one test
+/// binary), that one stays.
+pub fn install(format: LogFormat, provider: Option<SdkTracerProvider>) -> Telemetry {
     // Spans are traced at `info` from this crate whatever RUST_LOG says: RUST_LOG picks which
-    // lines are logged, not which calls can be followed across services.
-    let traces = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(Targets::new().with_target("cis2_session_broker", Level::INFO));
-    let logs = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // lines are logged, not which calls can be followed across services. Source locations,
+    // thread names and busy/idle times would be attributes on every span, read by nobody.
+    let traces = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(SCOPE))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_filter(Targets::new().with_target("cis2_session_broker", Level::INFO))
+    });
+    let level = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The log layer leaves out each call's server span: it would format that span's fields into
+    // a string on every call (the hot path's single largest cost after the sockets) for the few
+    // calls that log anything. Lines logged in a call still carry its trace and span ids.
+    let hint = level.max_level_hint();
+    let logs = level.and(
+        filter_fn(|meta| !(meta.is_span() && meta.target() == grpc::SPAN_TARGET))
+            // Without a hint the pair would have none, and every `trace!` and `trace_span!` of
+            // every dependency would be asked about at run time instead of compiled out.
+            .with_max_level_hint(hint.unwrap_or(LevelFilter::TRACE)),
+    );
     let registry = tracing_subscriber::registry().with(traces);
     let _ = match format {
         LogFormat::Json => registry
@@ -120,18 +142,24 @@ pub fn install(format: LogFormat, provider: SdkTracerProvider) -> Telemetry {
     Telemetry { provider }
 }
 
-/// The provider [`init`] uses, and why it exports nothing when it was asked to.
-fn provider_from_env(export: bool) -> (SdkTracerProvider, Option<String>) {
-    let builder = SdkTracerProvider::builder().with_resource(resource());
+/// The provider [`init`] uses (none when nothing is to be exported), and why it exports
+/// nothing when it was asked to.
+fn provider_from_env(export: bool) -> (Option<SdkTracerProvider>, Option<String>) {
     if !export {
-        return (builder.build(), None);
+        return (None, None);
     }
     match opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .build()
     {
-        Ok(exporter) => (builder.with_batch_exporter(exporter).build(), None),
-        Err(error) => (builder.build(), Some(error.to_string())),
+        Ok(exporter) => {
+            let provider = SdkTracerProvider::builder()
+                .with_resource(resource())
+                .with_batch_exporter(exporter)
+                .build();
+            (Some(provider), None)
+        }
+        Err(error) => (None, Some(error.to_string())),
     }
 }
 

@@ -26,7 +26,7 @@ fn exporter() -> &'static InMemorySpanExporter {
                 .build();
             (
                 exporter.clone(),
-                telemetry::install(LogFormat::Text, provider),
+                telemetry::install(LogFormat::Text, Some(provider)),
             )
         })
         .0

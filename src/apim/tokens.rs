@@ -18,6 +18,7 @@ use crate::error::{BrokerError, Result};
 use crate::secret::Secret;
 use crate::session::token::random_urlsafe;
 use crate::session::{KeyRing, SessionId, SessionStore};
+use opentelemetry::context::FutureExt as _;
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -257,7 +258,6 @@ impl TokenService {
     /// An access token with more than `min_validity` left, from the cache when it has one.
     /// `cached` are the fields read with the session (`get_session_with_tokens`). A token
     /// fetched just now is returned even if its whole lifetime is shorter than `min_validity`.
-    #[instrument(skip_all, fields(session_id = %s.session_id, aal = %s.aal, generation = s.generation))]
     pub async fn access_token(
         &self,
         s: &TokenSubject<'_>,
@@ -284,7 +284,16 @@ impl TokenService {
             min_validity,
             seen: seen.map(|g| g.access_token),
         });
-        Inner::single_flight(&self.inner, job).await
+        // A cache hit opens no span (it is the hot path); a fetch does.
+        let span = tracing::info_span!(
+            "apim.access_token",
+            session_id = %s.session_id,
+            aal = %s.aal,
+            generation = s.generation,
+        );
+        Inner::single_flight(&self.inner, job)
+            .instrument(span)
+            .await
     }
 
     /// Caches tokens obtained elsewhere (the combined pattern's code exchange). Fails with
@@ -347,8 +356,10 @@ impl Inner {
             }
             outcome
         }
-            // The fetch stays in the caller's trace.
-            .instrument(tracing::Span::current()),
+            // The fetch stays in the caller's trace (the span's, or when spans are not
+            // exported, the caller's context).
+            .instrument(tracing::Span::current())
+            .with_current_context(),
         );
         task.await
             .map_err(|e| BrokerError::Internal(format!("the token fetch task failed: {e}")))?

@@ -31,7 +31,6 @@ use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-use tracing::Instrument;
 
 /// Every RPC of `session_broker.v1.SessionBroker`, as allow-lists name them.
 pub const RPC_NAMES: &[&str] = &[
@@ -484,16 +483,16 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        let rpc = rpc_name(req.uri().path()).to_owned();
         let presented = Presented::from_request(&req);
-        match self.callers.admit(&presented, &rpc) {
+        match self.callers.admit(&presented, rpc_name(req.uri().path())) {
             Ok(caller) => {
-                let span = tracing::info_span!("caller", caller = %caller, rpc = %rpc);
+                // The RPC's server span (telemetry::grpc) is current here.
+                tracing::Span::current().record("caller", tracing::field::display(&caller));
                 req.extensions_mut().insert(caller);
                 // The service polled ready serves this call; its clone waits for the next one.
                 let ready = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, ready);
-                Box::pin(async move { inner.call(req).await }.instrument(span))
+                Box::pin(async move { inner.call(req).await })
             }
             Err(e) => {
                 let response = tonic::Status::from(e).into_http();

@@ -8,6 +8,8 @@
 
 use super::extract_context;
 use crate::metrics;
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::TraceContextExt as _;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -19,6 +21,9 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The target of each call's server span; the log layer leaves these spans out (`install`).
+pub const SPAN_TARGET: &str = "cis2_session_broker::rpc";
 
 /// Wraps the gRPC server's services; see the module documentation.
 #[derive(Debug, Clone, Copy, Default)]
@@ -57,6 +62,7 @@ where
         let started = Instant::now();
         let (service, method) = rpc_name(request.uri().path());
         let span = tracing::info_span!(
+            target: SPAN_TARGET,
             "grpc",
             otel.name = %format_args!("{service}/{method}"),
             otel.kind = "server",
@@ -65,14 +71,29 @@ where
             rpc.service = service,
             rpc.method = method,
             rpc.grpc.status_code = Empty,
+            // Filled in by the caller check and the broker: one span per call carries them, so
+            // the hot path pays for one span, not one per layer.
+            caller = Empty,
+            session_id = Empty,
+            api = Empty,
         );
         // A malformed or missing traceparent yields an empty context: the call starts a trace.
-        let _ = span.set_parent(extract_context(request.headers()));
+        let caller_trace = request
+            .headers()
+            .contains_key(TRACEPARENT)
+            .then(|| extract_context(request.headers()))
+            .filter(|cx| cx.span().span_context().is_valid());
+        if let Some(cx) = &caller_trace {
+            let _ = span.set_parent(cx.clone());
+        }
         // The clone that poll_ready did not prepare stays behind; the ready one serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let result = inner.call(request).instrument(span.clone()).await;
+        let call = async move {
+            // Entered while the inner layers build their futures, so the caller check can
+            // record the caller on this span.
+            let call = span.in_scope(|| inner.call(request));
+            let result = call.instrument(span.clone()).await;
             let code = match &result {
                 Ok(response) => status_of(response.headers()),
                 Err(_) => UNKNOWN,
@@ -83,9 +104,18 @@ where
             }
             metrics::rpc(service, method, code_name(code), started.elapsed());
             result
-        })
+        };
+        // When spans are not exported the span above is no OpenTelemetry span: the caller's
+        // context is made current while the call runs, so upstream requests and log lines
+        // still carry the caller's trace (`telemetry::propagation`, `telemetry::json`).
+        match caller_trace {
+            Some(cx) => Box::pin(call.with_context(cx)),
+            None => Box::pin(call),
+        }
     }
 }
+
+const TRACEPARENT: &str = "traceparent";
 
 const UNKNOWN: i32 = 2;
 

@@ -39,15 +39,24 @@ where
         let mut line = String::new();
         self.inner
             .format_event(ctx, Writer::new(&mut line), event)?;
-        let ids = ctx.parent_span().and_then(|span| ids_of(&span.id()));
+        // The log layer does not see every span (a call's server span is left out), so the
+        // span the line was logged in is asked of the dispatcher when the layer knows none.
+        let span = ctx
+            .parent_span()
+            .map(|span| span.id())
+            .or_else(|| tracing::Span::current().id());
+        let ids = ids_of(span.as_ref());
         writer.write_str(&with_ids(&line, ids))
     }
 }
 
-/// The trace and span ids the OpenTelemetry layer gave a `tracing` span, if it gave any.
-fn ids_of(span: &tracing::span::Id) -> Option<(TraceId, SpanId)> {
+/// The trace and span ids the OpenTelemetry layer gave a `tracing` span; when spans are not
+/// exported (no such layer), those of the caller's context attached to the call.
+fn ids_of(span: Option<&tracing::span::Id>) -> Option<(TraceId, SpanId)> {
     let dispatch = tracing::dispatcher::get_default(Clone::clone);
-    let cx = tracing_opentelemetry::get_otel_context(span, &dispatch)?;
+    let cx = span
+        .and_then(|span| tracing_opentelemetry::get_otel_context(span, &dispatch))
+        .unwrap_or_else(opentelemetry::Context::current);
     let otel = cx.span();
     let sc = otel.span_context();
     sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
@@ -101,6 +110,19 @@ mod tests {
         for (line, ids, want) in cases {
             assert_eq!(with_ids(line, ids), want, "line {line:?}");
         }
+    }
+
+    #[test]
+    fn without_an_otel_span_the_ids_are_those_of_the_attached_context() {
+        use opentelemetry::trace::{SpanContext, TraceFlags, TraceState};
+        let trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("valid hex");
+        let span = SpanId::from_hex("00f067aa0ba902b7").expect("valid hex");
+        assert_eq!(ids_of(None), None);
+        let remote = SpanContext::new(trace, span, TraceFlags::SAMPLED, true, TraceState::NONE);
+        let _attached = opentelemetry::Context::new()
+            .with_remote_span_context(remote)
+            .attach();
+        assert_eq!(ids_of(None), Some((trace, span)));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! the same in every binary and test whatever else was installed.
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -14,9 +15,16 @@ pub fn inject_context(headers: &mut HeaderMap) {
     inject_span_context(&tracing::Span::current(), headers);
 }
 
-/// [`inject_context`] for a given span, e.g. the client span of the request being sent.
+/// [`inject_context`] for a given span, e.g. the client span of the request being sent. When
+/// spans are not exported the span has no OpenTelemetry context, and the caller's context that
+/// `telemetry::grpc` attached to the call is passed on instead.
 pub fn inject_span_context(span: &tracing::Span, headers: &mut HeaderMap) {
     let cx = span.context();
+    let cx = if cx.span().span_context().is_valid() {
+        cx
+    } else {
+        opentelemetry::Context::current()
+    };
     TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
 }
 
@@ -55,7 +63,6 @@ impl Extractor for HeaderExtractor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::TraceContextExt;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
