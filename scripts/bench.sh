@@ -2,8 +2,13 @@
 # Benchmarks the broker against the floor (examples/floor.rs: one gRPC call doing one Redis GET)
 # on this machine, at 16 and 64 concurrent callers, and writes the table into docs/benchmarks.md.
 #
-#   scripts/bench.sh                       # ~6 minutes on 2 cores
-#   BENCH_DURATION=5s scripts/bench.sh     # shorter runs
+#   scripts/bench.sh                       # ~7 minutes on 2 cores
+#   BENCH_DURATION=5s BENCH_ROUNDS=1 scripts/bench.sh     # shorter
+#
+# Each concurrency runs ROUNDS rounds of floor, GetCurrentAal, GetSession, GetPdsToken, one
+# after the other, so that each ratio compares runs made a few seconds apart: on a shared
+# machine the figures drift by more than the differences measured. The table gives the median
+# of the rounds, and each ratio is the median of the rounds' own ratios.
 #
 # Everything is private and on loopback: its own Redis on a free port, the CIS2 and APIM
 # simulators (examples/sims.rs), the production binary (`session-broker serve`) with the Redis
@@ -14,6 +19,7 @@ cd "$(dirname "$0")/.."
 DURATION=${BENCH_DURATION:-10s}
 WARMUP=${BENCH_WARMUP:-2s}
 CONCURRENCIES=${BENCH_CONCURRENCIES:-"16 64"}
+ROUNDS=${BENCH_ROUNDS:-3}
 MEMORY_SESSIONS=${BENCH_MEMORY_SESSIONS:-100000}
 DOC=${BENCH_DOC:-docs/benchmarks.md}
 CALLBACK="http://127.0.0.1:9/bench/callback"
@@ -177,10 +183,13 @@ if [ -n "${SOAK_DURATION:-}" ]; then
 fi
 
 for conc in $CONCURRENCIES; do
-  lg floor "$conc" "http://127.0.0.1:$floor_port" --rpc floor
-  lg GetCurrentAal "$conc" "$broker" --rpc get-current-aal
-  lg GetSession "$conc" "$broker" --rpc get-session
-  lg GetPdsToken "$conc" "$broker" --rpc get-pds-token
+  for round in $(seq 1 "$ROUNDS"); do
+    say "round $round of $ROUNDS at $conc callers"
+    lg floor "$conc" "http://127.0.0.1:$floor_port" --rpc floor
+    lg GetCurrentAal "$conc" "$broker" --rpc get-current-aal
+    lg GetSession "$conc" "$broker" --rpc get-session
+    lg GetPdsToken "$conc" "$broker" --rpc get-pds-token
+  done
   redis_bench "$conc"
 done
 
@@ -218,20 +227,33 @@ say "writing $DOC"
 machine="$(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(uname -sr)"
 python3 - "$results" "$DOC" "$machine" "$hwm_kib" "$used_before" "$used_after" \
   "$MEMORY_SESSIONS" "$value_bytes" "$usage_bytes" "$DURATION" \
-  "$used_before_logins" "$used_after_logins" "$sessions_before_logins" "$sessions_after_logins" <<'PY'
-import re, sys, datetime
+  "$used_before_logins" "$used_after_logins" "$sessions_before_logins" "$sessions_after_logins" \
+  "$ROUNDS" <<'PY'
+import re, sys, datetime, statistics
 (results, doc, machine, hwm, before, after, n, value_bytes, usage, duration,
- lbefore, lafter, sbefore, safter) = sys.argv[1:]
-rows = {}
+ lbefore, lafter, sbefore, safter, rounds) = sys.argv[1:]
+runs = {}  # (name, concurrency) -> one dict per round, in order
 for line in open(results):
     name, conc, rest = line.split(" ", 2)
     if name == "redis-benchmark":
         cols = [c.strip('"') for c in rest.strip().split('","')]
-        rows[(name, conc)] = dict(ops=float(cols[1]), p50=float(cols[4]), p99=float(cols[6]), errors=0)
+        run = dict(ops=float(cols[1]), p50=float(cols[4]), p99=float(cols[6]), errors=0)
     else:
         kv = dict(re.findall(r"(\w+)=(\S+)", rest))
-        rows[(name, conc)] = dict(ops=float(kv["ops_per_s"]), p50=int(kv["p50_us"]) / 1000,
-                                  p99=int(kv["p99_us"]) / 1000, errors=int(kv["errors"]))
+        run = dict(ops=float(kv["ops_per_s"]), p50=int(kv["p50_us"]) / 1000,
+                   p99=int(kv["p99_us"]) / 1000, errors=int(kv["errors"]))
+    runs.setdefault((name, conc), []).append(run)
+med = statistics.median
+rows = {key: dict(ops=med(r["ops"] for r in rs), p50=med(r["p50"] for r in rs),
+                  p99=med(r["p99"] for r in rs), errors=sum(r["errors"] for r in rs))
+        for key, rs in runs.items()}
+
+def ratio(name, base, c, field):
+    """The median over rounds of name's figure divided by base's in the same round."""
+    a, b = runs.get((name, c)), runs.get((base, c))
+    if not a or not b:
+        return None
+    return med(x[field] / y[field] for x, y in zip(a, b))
 order = ["floor", "GetCurrentAal", "GetSession", "GetPdsToken", "redis-benchmark", "sign-in"]
 label = {"floor": "floor (gRPC + 1 Redis GET)", "GetPdsToken": "GetPdsToken (cached)",
          "redis-benchmark": "redis-benchmark GET -d 700",
@@ -246,25 +268,23 @@ for c in concs:
         r = rows.get((name, c))
         if not r:
             continue
-        ratio = p99r = ""
+        ops_ratio = p99_ratio = ""
         if floor and name not in ("floor", "redis-benchmark", "sign-in"):
-            ratio = f"{r['ops'] / floor['ops']:.2f}"
-            p99r = f"{r['p99'] / floor['p99']:.2f}"
+            ops_ratio = f"{ratio(name, 'floor', c, 'ops'):.2f}"
+            p99_ratio = f"{ratio(name, 'floor', c, 'p99'):.2f}"
         out.append(f"| {c} | {label.get(name, name)} | {r['ops']:,.0f} | {r['p50']:.2f} | "
-                   f"{r['p99']:.2f} | {r['errors']} | {ratio} | {p99r} |")
+                   f"{r['p99']:.2f} | {r['errors']} | {ops_ratio} | {p99_ratio} |")
     if floor:
         for name in ("GetCurrentAal", "GetSession"):
-            r = rows.get((name, c))
-            if r:
-                ok = r["ops"] >= 0.8 * floor["ops"] and r["p99"] <= 1.5 * floor["p99"]
+            if rows.get((name, c)):
+                ops, p99 = ratio(name, "floor", c, "ops"), ratio(name, "floor", c, "p99")
+                ok = ops >= 0.8 and p99 <= 1.5
                 verdicts.append(f"- {c} callers, {name} ≥ 0.8× floor ops/s and p99 ≤ 1.5× floor p99: "
-                                f"**{'met' if ok else 'missed'}** "
-                                f"({r['ops'] / floor['ops']:.2f}×, {r['p99'] / floor['p99']:.2f}×)")
-    a, p = rows.get(("GetCurrentAal", c)), rows.get(("GetPdsToken", c))
-    if a and p:
-        ok = p["ops"] >= 0.9 * a["ops"]
+                                f"**{'met' if ok else 'missed'}** ({ops:.2f}×, {p99:.2f}×)")
+    pds = ratio("GetPdsToken", "GetCurrentAal", c, "ops")
+    if pds is not None:
         verdicts.append(f"- {c} callers, GetPdsToken (cached) within 10% of GetCurrentAal ops/s: "
-                        f"**{'met' if ok else 'missed'}** ({p['ops'] / a['ops']:.2f}×)")
+                        f"**{'met' if pds >= 0.9 else 'missed'}** ({pds:.2f}×)")
 hwm_mib = int(hwm) / 1024
 per_session = (int(after) - int(before)) / int(n)
 signed_in = int(safter) - int(sbefore)
@@ -276,7 +296,8 @@ verdicts.append(f"- Redis memory per session ≤ 2 KiB: **{'met' if worst <= 204
 block = "\n".join([
     "<!-- bench:begin (written by scripts/bench.sh; edit outside these markers) -->",
     f"Run of {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on **{machine}**; "
-    f"{duration} per measurement after a warm-up, load generator on the same machine.",
+    f"{duration} per measurement after a warm-up, load generator on the same machine; "
+    f"{rounds} rounds, medians (ratios: the median of each round's own ratio).",
     "",
     *out,
     "",
