@@ -15,7 +15,7 @@
 //! - [`http`]: the HTTP port: health, the broker's JWKS, and the dev pages.
 //! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, Prometheus metrics.
 //! - [`sim`]: a CIS2 simulator for dev mode and tests. Never started in production.
-//! - [`aal`], [`clock`], [`secret`], [`error`]: small shared vocabulary.
+//! - [`aal`], [`clock`], [`secret`], [`error`], [`hex`]: small shared vocabulary.
 
 pub mod aal;
 pub mod apim;
@@ -25,6 +25,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod grpc;
+pub mod hex;
 pub mod http;
 pub mod metrics;
 pub mod oidc;

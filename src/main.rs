@@ -181,7 +181,10 @@ fn callers(command: CallersCommand) -> ExitCode {
                 eprintln!("callers hash-token: give one token, without spaces, on standard input");
                 return ExitCode::FAILURE;
             }
-            println!("{}", caller_auth::to_hex(&caller_auth::hash_token(token)));
+            println!(
+                "{}",
+                cis2_session_broker::hex::encode(&caller_auth::hash_token(token))
+            );
             ExitCode::SUCCESS
         }
     }

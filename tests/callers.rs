@@ -4,8 +4,9 @@
 
 mod common;
 
-use cis2_session_broker::grpc::auth::{hash_token, to_hex};
+use cis2_session_broker::grpc::auth::hash_token;
 use cis2_session_broker::grpc::pb;
+use cis2_session_broker::hex;
 use common::*;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -23,7 +24,7 @@ const WEB_TOKEN: &str = "sbc_web-frontend-7d1f0c2b9a8e4d6f8a1b3c5d7e9f0a2b";
 const ADMIN_TOKEN: &str = "sbc_admin-console-1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d";
 
 fn hash(token: &str) -> String {
-    to_hex(&hash_token(token))
+    hex::encode(&hash_token(token))
 }
 
 /// The harness's own caller, a web front end limited to the sign-in RPCs, and an admin caller.

@@ -105,11 +105,6 @@ pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Lower-case hex.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// 64 hex digits (either case) into a hash; `None` for anything else.
 pub fn parse_token_hash(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim().as_bytes();
@@ -128,7 +123,7 @@ pub fn parse_token_hash(hex: &str) -> Option<[u8; 32]> {
 /// A fresh caller token (256 random bits) and the hex SHA-256 to put in configuration.
 pub fn new_token() -> (Secret<String>, String) {
     let token = format!("sbc_{}", crate::session::token::random_urlsafe(32));
-    let hash = to_hex(&hash_token(&token));
+    let hash = crate::hex::encode(&hash_token(&token));
     (Secret::new(token), hash)
 }
 
@@ -856,7 +851,7 @@ mod tests {
     fn token_hashes_are_hex_sha256() {
         // sha256("abc"), a published test vector.
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(to_hex(&hash_token("abc")), abc);
+        assert_eq!(crate::hex::encode(&hash_token("abc")), abc);
         assert_eq!(parse_token_hash(abc), Some(hash_token("abc")));
         assert_eq!(
             parse_token_hash(&abc.to_uppercase()),

@@ -54,7 +54,7 @@ pub fn hashed(kind: &str, value: &str) -> String {
         .chain_update(b":")
         .chain_update(value.as_bytes())
         .finalize();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(&digest)
 }
 
 /// A session as read from the store: its sealed record and how long until it expires (the idle

@@ -95,7 +95,7 @@ pub fn random_urlsafe(n: usize) -> String {
 
 fn short_hash(value: &str) -> String {
     let digest = Sha256::digest(value.as_bytes());
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(&digest[..16])
 }
 
 #[cfg(test)]

@@ -58,9 +58,9 @@ impl tonic::service::Interceptor for BearerToken {
 
 /// The `[[callers]]` entry for the harness's own caller.
 pub fn harness_caller_toml() -> String {
-    let hash = cis2_session_broker::grpc::auth::to_hex(
-        &cis2_session_broker::grpc::auth::hash_token(CALLER_TOKEN),
-    );
+    let hash = cis2_session_broker::hex::encode(&cis2_session_broker::grpc::auth::hash_token(
+        CALLER_TOKEN,
+    ));
     format!(
         "[[callers]]\nname = {CALLER_NAME:?}\ntoken_sha256 = {hash:?}\nrpcs = [\"*\"]\nrate_per_second = 100000\nmax_pending_logins_per_minute = 100000\n"
     )
