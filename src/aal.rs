@@ -61,20 +61,33 @@ pub enum AalSource {
 /// A label a clinician recognises for the `amr` values of a sign-in. CIS2's full `amr` list is
 /// unconfirmed, so unknown values are shown as they are; this is for display and audit only.
 pub fn authenticator_label(amr: &[String]) -> String {
-    let labels: Vec<&str> = amr
-        .iter()
-        .map(|m| match m.to_ascii_uppercase().as_str() {
-            "N3_SMARTCARD" | "SMARTCARD" | "SC" => "Smartcard",
-            "FIDO2" | "SECURITY_KEY" => "Security key",
-            "IOS" => "iPad app",
-            "WINDOWS_HELLO" | "WHFB" => "Windows Hello",
-            "PASSKEY" => "Passkey",
-            "NHSMAIL" | "NHS_NET_CONNECT" => "NHS.net Connect",
-            "TOTP" | "MS_AUTHENTICATOR" | "AUTHENTICATOR" => "Microsoft Authenticator",
-            _ => m.as_str(),
-        })
-        .collect();
-    labels.join(", ")
+    // Every call that reads a session shows its label: no allocation beyond the answer.
+    const LABELS: &[(&[&str], &str)] = &[
+        (&["N3_SMARTCARD", "SMARTCARD", "SC"], "Smartcard"),
+        (&["FIDO2", "SECURITY_KEY"], "Security key"),
+        (&["IOS"], "iPad app"),
+        (&["WINDOWS_HELLO", "WHFB"], "Windows Hello"),
+        (&["PASSKEY"], "Passkey"),
+        (&["NHSMAIL", "NHS_NET_CONNECT"], "NHS.net Connect"),
+        (
+            &["TOTP", "MS_AUTHENTICATOR", "AUTHENTICATOR"],
+            "Microsoft Authenticator",
+        ),
+    ];
+    fn label(m: &str) -> &str {
+        LABELS
+            .iter()
+            .find(|(names, _)| names.iter().any(|n| n.eq_ignore_ascii_case(m)))
+            .map_or(m, |(_, label)| *label)
+    }
+    let mut out = String::new();
+    for (i, m) in amr.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(label(m));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use crate::oidc::{
 };
 use crate::policy::{self, Access, ApiPolicy, PolicyTable};
 use crate::secret::Secret;
+use crate::session::codec::IdToken;
 use crate::session::model::StepUpOf;
 use crate::session::store::{IndexKind, StoredSession};
 use crate::session::token::random_urlsafe;
@@ -520,7 +521,7 @@ impl Broker {
             created_at: unix_seconds(now),
             expires_at: unix_seconds(expires_at),
             cis2_sid: s.claims.sid,
-            id_token: Secret::new(Some(s.id_token.into_inner())),
+            id_token: Secret::new(Some(IdToken::new(s.id_token.expose()))),
             id_token_expires_at: Some(s.claims.exp),
             generation: 0,
         };
@@ -560,7 +561,7 @@ impl Broker {
         record.auth_time = s.claims.auth_time;
         let old_sid = record.cis2_sid.clone();
         record.cis2_sid = s.claims.sid.or(record.cis2_sid);
-        record.id_token = Secret::new(Some(s.id_token.into_inner()));
+        record.id_token = Secret::new(Some(IdToken::new(s.id_token.expose())));
         record.id_token_expires_at = Some(s.claims.exp);
         record.user = s.user;
         if s.selected_role.is_some() {
@@ -764,7 +765,7 @@ impl Broker {
                 });
             }
         }
-        let id_token = record.id_token.expose().as_deref();
+        let id_token = record.id_token.expose().as_ref();
         let subject = TokenSubject {
             session_id: &loaded.id,
             aal: record.aal,
@@ -915,7 +916,9 @@ impl Broker {
             self.unindex_record(&id, record).await;
         }
         info!(session_id = %id, "signed out");
-        let id_token = record.as_ref().and_then(|r| r.id_token.expose().clone());
+        let id_token = record
+            .as_ref()
+            .and_then(|r| r.id_token.expose().as_ref().map(IdToken::text));
         let url = self
             .cis2
             .end_session_url(id_token.as_deref(), post_logout_redirect_uri)

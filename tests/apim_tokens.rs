@@ -20,6 +20,7 @@ use cis2_session_broker::clock::{Clock, SystemClock, unix_seconds};
 use cis2_session_broker::config::{ApimConfig, Pattern};
 use cis2_session_broker::error::BrokerError;
 use cis2_session_broker::secret::Secret;
+use cis2_session_broker::session::codec::IdToken;
 use cis2_session_broker::session::memory::MemoryStore;
 use cis2_session_broker::session::redis::{RedisSettings, RedisStore};
 use cis2_session_broker::session::token::random_urlsafe;
@@ -611,7 +612,7 @@ impl Replica {
             session_id: &s.id,
             aal,
             generation,
-            id_token: s.id_token.as_deref(),
+            id_token: s.id_token.as_ref(),
             id_token_expires_at: s.id_token_expires_at,
             ttl: stored.ttl,
         };
@@ -624,7 +625,7 @@ impl Replica {
 /// A signed-in session as the token cache sees it.
 struct Session {
     id: SessionId,
-    id_token: Option<String>,
+    id_token: Option<IdToken>,
     id_token_expires_at: Option<i64>,
     generation: u32,
 }
@@ -642,7 +643,7 @@ impl Session {
         );
         Session {
             id,
-            id_token: Some(format!("id-token-{}", random_urlsafe(24))),
+            id_token: Some(IdToken::new(&format!("id-token-{}", random_urlsafe(24)))),
             id_token_expires_at: Some(unix_seconds(SystemClock.now()) + id_token_life),
             generation: 0,
         }
@@ -653,7 +654,7 @@ impl Session {
             session_id: &self.id,
             aal: Aal::Aal2,
             generation: self.generation,
-            id_token: self.id_token.as_deref(),
+            id_token: self.id_token.as_ref(),
             id_token_expires_at: self.id_token_expires_at,
             ttl,
         }
@@ -683,7 +684,8 @@ async fn setup(kind: Kind, options: Options) -> (Arc<StandIn>, Replica) {
 }
 
 fn secret_free(text: &str, s: &Session) {
-    for secret in [s.id_token.as_deref().unwrap_or("id-token-"), CLIENT_SECRET] {
+    let id_token = s.id_token.as_ref().map(IdToken::text);
+    for secret in [id_token.as_deref().unwrap_or("id-token-"), CLIENT_SECRET] {
         assert!(!text.contains(secret), "a secret leaked: {text}");
     }
 }
@@ -1313,7 +1315,7 @@ async fn a_store_that_is_down_is_store_unavailable() {
     let replica = Replica::new(&shared, dead, &standin, &Options::default());
     let s = Session {
         id: SessionToken::generate().id(),
-        id_token: Some("id-token-x".into()),
+        id_token: Some(IdToken::new("id-token-x")),
         id_token_expires_at: Some(unix_seconds(SystemClock.now()) + 3600),
         generation: 0,
     };

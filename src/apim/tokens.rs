@@ -16,6 +16,7 @@ use crate::aal::Aal;
 use crate::clock::Clock;
 use crate::error::{BrokerError, Result};
 use crate::secret::Secret;
+use crate::session::codec::IdToken;
 use crate::session::token::random_urlsafe;
 use crate::session::{KeyRing, SessionId, SessionStore};
 use opentelemetry::context::FutureExt as _;
@@ -41,7 +42,7 @@ pub struct TokenSubject<'a> {
     pub aal: Aal,
     pub generation: u32,
     /// The CIS2 ID token (separate pattern); `None` in the combined pattern.
-    pub id_token: Option<&'a str>,
+    pub id_token: Option<&'a IdToken>,
     /// When the ID token expires (Unix seconds).
     pub id_token_expires_at: Option<i64>,
     /// The session's remaining TTL: the token cache lives at least this long.
@@ -278,7 +279,7 @@ impl TokenService {
         let job = Arc::new(Job {
             session_id: s.session_id.clone(),
             field,
-            id_token: s.id_token.map(|t| Secret::new(t.to_owned())),
+            id_token: s.id_token.map(|t| Secret::new(t.text())),
             id_token_expires_at: s.id_token_expires_at,
             ttl: s.ttl,
             min_validity,

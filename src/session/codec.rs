@@ -167,9 +167,9 @@ impl StoredIdToken {
         }
     }
 
-    fn unpack(self) -> String {
-        if let Some(text) = self.text {
-            return text;
+    fn unpack(&self) -> String {
+        if let Some(text) = &self.text {
+            return text.clone();
         }
         let segments = [&self.header, &self.payload, &self.signature];
         let mut text = String::with_capacity(segments.iter().map(|s| s.len() * 4 / 3 + 3).sum());
@@ -180,6 +180,43 @@ impl StoredIdToken {
             URL_SAFE_NO_PAD.encode_string(segment, &mut text);
         }
         text
+    }
+}
+
+/// A session's CIS2 ID token, kept as it is stored: it is needed for an APIM token exchange or a
+/// logout's `id_token_hint`, not on every call that opens the session, so it is turned back
+/// into text only when asked for.
+#[derive(Clone, PartialEq)]
+pub struct IdToken(StoredIdToken);
+
+impl IdToken {
+    pub fn new(text: &str) -> Self {
+        IdToken(StoredIdToken::pack(text))
+    }
+
+    /// The token as CIS2 issued it.
+    pub fn text(&self) -> String {
+        self.0.unpack()
+    }
+}
+
+impl std::fmt::Debug for IdToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// As text: the JSON form of earlier versions (read by [`decode`]; written only by tests).
+impl serde::Serialize for IdToken {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(&self.text())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IdToken {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(de)?;
+        Ok(IdToken::new(&text))
     }
 }
 
@@ -245,7 +282,7 @@ impl From<&SessionRecord> for StoredRecord {
             created_at: *created_at,
             expires_at: *expires_at,
             cis2_sid: cis2_sid.clone(),
-            id_token: id_token.expose().as_deref().map(StoredIdToken::pack),
+            id_token: id_token.expose().as_ref().map(|t| t.0.clone()),
             id_token_expires_at: *id_token_expires_at,
             generation: *generation,
         }
@@ -301,7 +338,7 @@ impl TryFrom<StoredRecord> for SessionRecord {
             created_at,
             expires_at,
             cis2_sid,
-            id_token: Secret::new(id_token.map(StoredIdToken::unpack)),
+            id_token: Secret::new(id_token.map(IdToken)),
             id_token_expires_at,
             generation,
         })
@@ -439,7 +476,7 @@ mod tests {
             created_at: 1_764_000_001,
             expires_at: 1_764_043_201,
             cis2_sid: Some("sid-é".into()),
-            id_token: Secret::new(id_token.map(str::to_owned)),
+            id_token: Secret::new(id_token.map(IdToken::new)),
             id_token_expires_at: Some(1_764_000_300),
             generation: 2,
         }
@@ -468,7 +505,8 @@ mod tests {
             let sealed = rec.seal(&keys, b"aad").expect("seals");
             let back = SessionRecord::open(&keys, &sealed, b"aad").expect("opens");
             assert!(same(&rec, &back), "{token:?}");
-            assert_eq!(back.id_token.expose().as_deref(), token);
+            let text = back.id_token.expose().as_ref().map(IdToken::text);
+            assert_eq!(text.as_deref(), token);
             // Empty and absent values come back as they were, too.
             rec.selected_role = None;
             rec.cis2_sid = None;
@@ -574,11 +612,7 @@ mod tests {
     /// in Redis would be misread: put the field back and add a new one instead.
     #[test]
     fn the_binary_form_is_pinned() {
-        let hex: String = encode(&record(Some(JWS)))
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(hex, PINNED);
+        assert_eq!(crate::hex::encode(&encode(&record(Some(JWS)))), PINNED);
     }
 
     const PINNED: &str = concat!(

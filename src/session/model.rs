@@ -3,6 +3,7 @@
 //! `KeyRing::seal_json`), so names and roles are as protected as the tokens. `SessionRecord`
 //! keeps its serde derives for the JSON form earlier versions stored.
 
+use super::codec::IdToken;
 use crate::aal::{Aal, AalSource};
 use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
@@ -67,7 +68,7 @@ pub struct SessionRecord {
     pub cis2_sid: Option<String>,
     /// The CIS2 ID token (APIM token exchange, `id_token_hint` at logout).
     #[serde(with = "crate::secret::exposed")]
-    pub id_token: Secret<Option<String>>,
+    pub id_token: Secret<Option<IdToken>>,
     /// When that ID token expires (Unix seconds); an expired one cannot be exchanged at APIM.
     pub id_token_expires_at: Option<i64>,
     /// Bumped by every step-up: tokens minted under an older generation are not reused.
