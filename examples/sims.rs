@@ -3,7 +3,7 @@
 //! included). Loopback only; benchmarks and soak tests, never production.
 //!
 //! `cargo run --release --example sims -- --jwks DIR/bench-1.jwks.json --callback URL
-//!  --client-secret-file FILE --out DIR/sims.env`
+//!  --client-secret-file FILE [--apim-secret-file FILE] --out DIR/sims.env`
 //! writes `CIS2_ISSUER`, `CIS2_DISCOVERY_URL` and `APIM_TOKEN_URL` to the `--out` file once
 //! both listen, then serves until SIGINT/SIGTERM.
 
@@ -30,6 +30,10 @@ struct Args {
     /// A file holding the CIS2 client secret (client_secret_post), so it is on no command line.
     #[arg(long)]
     client_secret_file: PathBuf,
+    /// A file holding the APIM app's secret: with it the broker can redeem refresh tokens, as
+    /// a production deployment of the separate pattern does; without it, it cannot.
+    #[arg(long)]
+    apim_secret_file: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:0")]
     cis2_addr: String,
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -44,9 +48,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let jwks: jsonwebtoken::jwk::JwkSet =
         serde_json::from_str(&std::fs::read_to_string(&args.jwks)?)?;
-    let secret = std::fs::read_to_string(&args.client_secret_file)?
-        .trim()
-        .to_owned();
+    let read = |path: &PathBuf| std::fs::read_to_string(path).map(|s| s.trim().to_owned());
+    let secret = read(&args.client_secret_file)?;
+    let apim_secret = args.apim_secret_file.as_ref().map(read).transpose()?;
     let cis2_listener = TcpListener::bind(&args.cis2_addr).await?;
     let apim_listener = TcpListener::bind(&args.apim_addr).await?;
     if !cis2_listener.local_addr()?.ip().is_loopback()
@@ -71,7 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut apim_options = ApimOptions::for_cis2(&sim);
     apim_options.apps = vec![ApimApp {
         api_key: API_KEY.into(),
-        client_secret: None,
+        client_secret: apim_secret,
         jwks: Some(jwks),
         redirect_uris: Vec::new(),
         apis: vec![

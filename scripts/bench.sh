@@ -81,8 +81,10 @@ wait_port "$floor_port"
 say "starting the CIS2 and APIM simulators"
 $bin/session-broker keys generate --dir "$work" --kid bench-1 >/dev/null
 python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$work/client-secret"
+python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$work/apim-secret"
 $bin/examples/sims --jwks "$work/bench-1.jwks.json" --callback "$CALLBACK" \
-  --client-secret-file "$work/client-secret" --out "$work/sims.env" >"$work/sims.log" 2>&1 &
+  --client-secret-file "$work/client-secret" --apim-secret-file "$work/apim-secret" \
+  --out "$work/sims.env" >"$work/sims.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do [ -f "$work/sims.env" ] && break; sleep 0.1; done
 # shellcheck disable=SC1091
@@ -131,6 +133,7 @@ TOML
 encryption_key=$(python3 -c 'import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())')
 BROKER__ENCRYPTION__KEYS="bench:$encryption_key" \
 BROKER__CIS2__CLIENT_SECRET="$(cat "$work/client-secret")" \
+BROKER__APIM__CLIENT_SECRET="$(cat "$work/apim-secret")" \
   $bin/session-broker serve --config "$work/broker.toml" >"$work/broker.log" 2>&1 &
 broker_pid=$!
 pids+=($broker_pid)
