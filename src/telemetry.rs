@@ -45,6 +45,11 @@ pub const VERSION: &str = concat!(
 /// otherwise.
 pub const DEFAULT_SERVICE_NAME: &str = "session-broker";
 
+/// The target of spans that only give log lines their context (the caller of a call): the trace
+/// layer leaves them out, as the log layer leaves out a call's server span, so each layer
+/// builds one span per call.
+pub const LOG_CONTEXT_TARGET: &str = "cis2_session_broker::log_context";
+
 /// The name this crate's tracer reports as its instrumentation scope.
 const SCOPE: &str = "cis2-session-broker";
 
@@ -108,7 +113,11 @@ pub fn install(format: LogFormat, provider: Option<SdkTracerProvider>) -> Teleme
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
-            .with_filter(Targets::new().with_target("cis2_session_broker", Level::INFO))
+            .with_filter(
+                Targets::new()
+                    .with_target("cis2_session_broker", Level::INFO)
+                    .with_target(LOG_CONTEXT_TARGET, LevelFilter::OFF),
+            )
     });
     let level = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The log layer leaves out each call's server span: it would format that span's fields into

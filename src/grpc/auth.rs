@@ -31,6 +31,7 @@ use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tracing::Instrument;
 
 /// Every RPC of `session_broker.v1.SessionBroker`, as allow-lists name them.
 pub const RPC_NAMES: &[&str] = &[
@@ -479,15 +480,24 @@ where
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let presented = Presented::from_request(&req);
-        match self.callers.admit(&presented, rpc_name(req.uri().path())) {
+        let rpc = rpc_name(req.uri().path());
+        match self.callers.admit(&presented, rpc) {
             Ok(caller) => {
-                // The RPC's server span (telemetry::grpc) is current here.
+                // The call's server span (telemetry::grpc), current here, carries the caller
+                // in traces; log lines get it from a span of their own, which the trace layer
+                // leaves out (`telemetry::LOG_CONTEXT_TARGET`).
                 tracing::Span::current().record("caller", tracing::field::display(&caller));
+                let span = tracing::info_span!(
+                    target: crate::telemetry::LOG_CONTEXT_TARGET,
+                    "caller",
+                    caller = %caller,
+                    rpc = %rpc,
+                );
                 req.extensions_mut().insert(caller);
                 // The service polled ready serves this call; its clone waits for the next one.
                 let ready = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, ready);
-                Box::pin(async move { inner.call(req).await })
+                Box::pin(async move { inner.call(req).await }.instrument(span))
             }
             Err(e) => {
                 let response = tonic::Status::from(e).into_http();
