@@ -123,9 +123,19 @@ impl Window {
 /// Everything a caller needs to run its RPC.
 struct Target {
     clients: Vec<Client>,
-    floor: Vec<tonic::client::Grpc<Channel>>,
+    /// The same connections, for the timed unary calls (`unary`).
+    raw: Vec<Raw>,
     args: Args,
 }
+
+type Raw = tonic::client::Grpc<InterceptedService<Channel, Bearer>>;
+
+/// What the timed calls decode their answers into: every field is read and skipped. The load
+/// generator shares the machine's cores with what it measures, so building the answer (a
+/// whole `Session` for GetSession, one byte string for the floor) would charge the RPCs
+/// differently for work done on the client's side.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Discard {}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -155,20 +165,20 @@ async fn connect(args: Args) -> Result<Target, Box<dyn std::error::Error>> {
         None => None,
     });
     let mut clients = Vec::new();
-    let mut floor = Vec::new();
+    let mut raw = Vec::new();
     for _ in 0..args.connections.max(1) {
         let channel = Channel::from_shared(args.addr.clone())?.connect().await?;
         clients.push(SessionBrokerClient::with_interceptor(
             channel.clone(),
             bearer.clone(),
         ));
-        floor.push(tonic::client::Grpc::new(channel));
+        // The floor gets the same `authorization` header: equal requests on the wire.
+        raw.push(tonic::client::Grpc::new(InterceptedService::new(
+            channel,
+            bearer.clone(),
+        )));
     }
-    Ok(Target {
-        clients,
-        floor,
-        args,
-    })
+    Ok(Target { clients, raw, args })
 }
 
 /// Signs the sessions in and fills the PDS token cache, so the measured calls find both ready.
@@ -327,23 +337,35 @@ async fn call_once(target: &Target, worker: usize, n: u64) -> Result<Done, Strin
         },
         other => other,
     };
-    let mut client = target.clients[conn].clone();
+    let raw = target.raw[conn].clone();
+    let session_token = session.to_owned();
     let result = match rpc {
-        Rpc::GetCurrentAal => client
-            .get_current_aal(pb::GetCurrentAalRequest {
-                session_token: session.to_owned(),
-            })
-            .await
-            .map(|_| ()),
-        Rpc::GetSession => client
-            .get_session(pb::GetSessionRequest {
-                session_token: session.to_owned(),
-            })
-            .await
-            .map(|_| ()),
-        Rpc::GetPdsToken => pds_token(client, session).await,
-        Rpc::Login => return sign_in(client, &target.args).await.map(|_| Done::Called),
-        Rpc::Floor => floor_get(target.floor[conn].clone()).await,
+        Rpc::GetCurrentAal => {
+            let req = pb::GetCurrentAalRequest { session_token };
+            unary(raw, "/session_broker.v1.SessionBroker/GetCurrentAal", req).await
+        }
+        Rpc::GetSession => {
+            let req = pb::GetSessionRequest { session_token };
+            unary(raw, "/session_broker.v1.SessionBroker/GetSession", req).await
+        }
+        Rpc::GetPdsToken => {
+            let req = pb::GetPdsTokenRequest {
+                session_token,
+                ..Default::default()
+            };
+            unary(raw, "/session_broker.v1.SessionBroker/GetPdsToken", req).await
+        }
+        Rpc::Login => {
+            let client = target.clients[conn].clone();
+            return sign_in(client, &target.args).await.map(|_| Done::Called);
+        }
+        Rpc::Floor => {
+            // Shaped like a session token, so the request is the broker's size.
+            let req = floor_pb::GetRequest {
+                key: "cis2sb_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+            };
+            unary(raw, floor_pb::GET_PATH, req).await
+        }
         Rpc::Mixed => unreachable!("the mix picked a single RPC above"),
     };
     match result.map_err(|s| reason(&s)) {
@@ -366,16 +388,16 @@ enum Done {
     Renewed,
 }
 
-async fn floor_get(mut grpc: tonic::client::Grpc<Channel>) -> Result<(), tonic::Status> {
+/// One unary call whose answer is read whole and skipped ([`Discard`]).
+async fn unary<Req>(mut grpc: Raw, path: &'static str, req: Req) -> Result<(), tonic::Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+{
     grpc.ready()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(floor_pb::GET_PATH);
-    // Shaped like a session token, so the request is the broker's size.
-    let req = floor_pb::GetRequest {
-        key: "cis2sb_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
-    };
-    grpc.unary::<_, floor_pb::GetResponse, _>(
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    grpc.unary::<_, Discard, _>(
         tonic::Request::new(req),
         path,
         tonic_prost::ProstCodec::default(),
