@@ -83,6 +83,11 @@ struct Args {
     /// Print this process's VmRSS with every report (the soak test passes the broker's pid).
     #[arg(long)]
     watch_pid: Option<u32>,
+    /// Report the CPU time this process (the server: the benchmark passes its pid) spent over
+    /// the measured window, per call: a cost that depends far less than ops/s on what else
+    /// runs on the machine's cores.
+    #[arg(long)]
+    cpu_of: Option<u32>,
 }
 
 type Client = SessionBrokerClient<InterceptedService<Channel, Bearer>>;
@@ -420,6 +425,12 @@ async fn run(target: Arc<Target>) -> Vec<Window> {
     let windows: Arc<Mutex<Vec<Window>>> = Arc::new(Mutex::new(
         (0..intervals).map(|_| Window::default()).collect(),
     ));
+    let cpu_at_start = args.cpu_of.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            cpu_nanos(pid)
+        })
+    });
     let budget = Arc::new(std::sync::atomic::AtomicU64::new(args.max_ops));
     let reporter = tokio::spawn(report_intervals(
         windows.clone(),
@@ -476,6 +487,12 @@ async fn run(target: Arc<Target>) -> Vec<Window> {
         let _ = t.await;
     }
     reporter.abort();
+    // Every call counted started in the window and has ended by now.
+    if let (Some(pid), Some(start)) = (args.cpu_of, cpu_at_start)
+        && let (Ok(Some(before)), Some(after)) = (start.await, cpu_nanos(pid))
+    {
+        CPU_NANOS.get_or_init(|| after.saturating_sub(before));
+    }
     let measured = Instant::now().saturating_duration_since(measure_from);
     // A run cut short by --max-ops is measured over the time it took.
     MEASURED.get_or_init(|| measured.min(args.duration));
@@ -483,6 +500,18 @@ async fn run(target: Arc<Target>) -> Vec<Window> {
 }
 
 static MEASURED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+/// CPU time of `--cpu-of` over the measured window.
+static CPU_NANOS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// CPU time a process has used so far, in nanoseconds: the sum of its threads' schedstat.
+fn cpu_nanos(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
 
 fn flush(windows: &Mutex<Vec<Window>>, index: usize, local: Window) {
     let mut w = windows.lock().unwrap_or_else(|p| p.into_inner());
@@ -572,9 +601,16 @@ fn report_total(args: &Args, windows: &[Window]) {
         });
     }
     let over = MEASURED.get().copied().unwrap_or(args.duration);
+    let calls = total.micros.len() as u64 + total.errors.values().sum::<u64>();
+    let cpu = match CPU_NANOS.get() {
+        Some(nanos) if calls > 0 => {
+            format!(" cpu_us_per_call={:.1}", *nanos as f64 / 1e3 / calls as f64)
+        }
+        _ => String::new(),
+    };
     let line = summary(&mut total, over);
     println!(
-        "RESULT rpc={:?} concurrency={} {line}{}",
+        "RESULT rpc={:?} concurrency={} {line}{cpu}{}",
         args.rpc,
         args.concurrency,
         rss_note(args.watch_pid)

@@ -75,7 +75,8 @@ redis_url="redis://127.0.0.1:$redis_port"
 say "starting the floor"
 floor_port=$(free_port)
 $bin/examples/floor --redis "$redis_url" --listen "127.0.0.1:$floor_port" >"$work/floor.log" 2>&1 &
-pids+=($!)
+floor_pid=$!
+pids+=($floor_pid)
 wait_port "$floor_port"
 
 say "starting the CIS2 and APIM simulators"
@@ -188,10 +189,10 @@ fi
 for conc in $CONCURRENCIES; do
   for round in $(seq 1 "$ROUNDS"); do
     say "round $round of $ROUNDS at $conc callers"
-    lg floor "$conc" "http://127.0.0.1:$floor_port" --rpc floor
-    lg GetCurrentAal "$conc" "$broker" --rpc get-current-aal
-    lg GetSession "$conc" "$broker" --rpc get-session
-    lg GetPdsToken "$conc" "$broker" --rpc get-pds-token
+    lg floor "$conc" "http://127.0.0.1:$floor_port" --rpc floor --cpu-of "$floor_pid"
+    lg GetCurrentAal "$conc" "$broker" --rpc get-current-aal --cpu-of "$broker_pid"
+    lg GetSession "$conc" "$broker" --rpc get-session --cpu-of "$broker_pid"
+    lg GetPdsToken "$conc" "$broker" --rpc get-pds-token --cpu-of "$broker_pid"
   done
   redis_bench "$conc"
 done
@@ -244,17 +245,19 @@ for line in open(results):
     else:
         kv = dict(re.findall(r"(\w+)=(\S+)", rest))
         run = dict(ops=float(kv["ops_per_s"]), p50=int(kv["p50_us"]) / 1000,
-                   p99=int(kv["p99_us"]) / 1000, errors=int(kv["errors"]))
+                   p99=int(kv["p99_us"]) / 1000, errors=int(kv["errors"]),
+                   cpu=float(kv["cpu_us_per_call"]) if "cpu_us_per_call" in kv else None)
     runs.setdefault((name, conc), []).append(run)
 med = statistics.median
 rows = {key: dict(ops=med(r["ops"] for r in rs), p50=med(r["p50"] for r in rs),
-                  p99=med(r["p99"] for r in rs), errors=sum(r["errors"] for r in rs))
+                  p99=med(r["p99"] for r in rs), errors=sum(r["errors"] for r in rs),
+                  cpu=med(r["cpu"] for r in rs) if all(r.get("cpu") for r in rs) else None)
         for key, rs in runs.items()}
 
 def ratio(name, base, c, field):
     """The median over rounds of name's figure divided by base's in the same round."""
     a, b = runs.get((name, c)), runs.get((base, c))
-    if not a or not b:
+    if not a or not b or not all(x.get(field) and y.get(field) for x, y in zip(a, b)):
         return None
     return med(x[field] / y[field] for x, y in zip(a, b))
 order = ["floor", "GetCurrentAal", "GetSession", "GetPdsToken", "redis-benchmark", "sign-in"]
@@ -262,8 +265,9 @@ label = {"floor": "floor (gRPC + 1 Redis GET)", "GetPdsToken": "GetPdsToken (cac
          "redis-benchmark": "redis-benchmark GET -d 700",
          "sign-in": "sign-in (StartLogin + simulator + ExchangeCode)"}
 concs = sorted({c for _, c in rows}, key=int)
-out = ["| callers | what | ops/s | p50 ms | p99 ms | errors | ops/s ÷ floor | p99 ÷ floor |",
-       "|---:|---|---:|---:|---:|---:|---:|---:|"]
+out = ["| callers | what | ops/s | p50 ms | p99 ms | errors | server CPU µs/call | ops/s ÷ floor "
+       "| p99 ÷ floor | CPU ÷ floor |",
+       "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 verdicts = []
 for c in concs:
     floor = rows.get(("floor", c))
@@ -271,12 +275,15 @@ for c in concs:
         r = rows.get((name, c))
         if not r:
             continue
-        ops_ratio = p99_ratio = ""
+        ops_ratio = p99_ratio = cpu_ratio = ""
         if floor and name not in ("floor", "redis-benchmark", "sign-in"):
             ops_ratio = f"{ratio(name, 'floor', c, 'ops'):.2f}"
             p99_ratio = f"{ratio(name, 'floor', c, 'p99'):.2f}"
+            cpu = ratio(name, "floor", c, "cpu")
+            cpu_ratio = f"{cpu:.2f}" if cpu is not None else ""
+        cpu_us = f"{r['cpu']:.1f}" if r.get("cpu") else ""
         out.append(f"| {c} | {label.get(name, name)} | {r['ops']:,.0f} | {r['p50']:.2f} | "
-                   f"{r['p99']:.2f} | {r['errors']} | {ops_ratio} | {p99_ratio} |")
+                   f"{r['p99']:.2f} | {r['errors']} | {cpu_us} | {ops_ratio} | {p99_ratio} | {cpu_ratio} |")
     if floor:
         for name in ("GetCurrentAal", "GetSession"):
             if rows.get((name, c)):
