@@ -20,6 +20,16 @@ fn with_traceparent<T>(message: T, traceparent: &str) -> tonic::Request<T> {
     request
 }
 
+/// A sign-in started and completed at the simulator, up to the code its callback carries.
+async fn callback(h: &Harness) -> Callback {
+    let started = h
+        .start_login(Harness::login_request(pb::Aal::Aal2))
+        .await
+        .expect("StartLogin");
+    h.authorize(&started.authorization_url, PASSKEY_ONLY, None)
+        .await
+}
+
 #[tokio::test]
 async fn the_callers_traceparent_reaches_cis2_when_nothing_is_exported() {
     let telemetry = telemetry::install(LogFormat::Json, None);
@@ -32,16 +42,7 @@ async fn the_callers_traceparent_reaches_cis2_when_nothing_is_exported() {
     let parent = format!("{:016x}", rand::random::<u64>() | 1);
     let sent = format!("00-{trace}-{parent}-01");
 
-    let started = h
-        .client
-        .clone()
-        .start_login(Harness::login_request(pb::Aal::Aal2))
-        .await
-        .expect("StartLogin")
-        .into_inner();
-    let cb = h
-        .authorize(&started.authorization_url, PASSKEY_ONLY, None)
-        .await;
+    let cb = callback(&h).await;
     h.client
         .clone()
         .exchange_code(with_traceparent(cb.request(), &sent))
@@ -62,22 +63,9 @@ async fn the_callers_traceparent_reaches_cis2_when_nothing_is_exported() {
     );
 
     // A call without a traceparent sends none: nothing is made up.
-    let started = h
-        .client
-        .clone()
-        .start_login(Harness::login_request(pb::Aal::Aal2))
-        .await
-        .expect("StartLogin")
-        .into_inner();
-    let cb = h
-        .authorize(&started.authorization_url, PASSKEY_ONLY, None)
-        .await;
+    let cb = callback(&h).await;
     let before = h.sim.received_traceparents().len();
-    h.client
-        .clone()
-        .exchange_code(cb.request())
-        .await
-        .expect("ExchangeCode");
+    h.exchange(&cb).await.expect("ExchangeCode");
     let seen = h.sim.received_traceparents();
     let new: Vec<_> = seen.iter().skip(before).collect();
     assert!(
