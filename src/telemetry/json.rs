@@ -50,8 +50,10 @@ where
     }
 }
 
-/// The trace and span ids the OpenTelemetry layer gave a `tracing` span; when spans are not
-/// exported (no such layer), those of the caller's context attached to the call.
+/// The trace and span ids the OpenTelemetry layer gave `span`; otherwise those of the current
+/// OpenTelemetry context: the innermost entered span the layer traces (it makes an entered
+/// span's context current, so a log-context span it leaves out shows its parent's ids), or,
+/// when spans are not exported, the caller's context attached to the call.
 fn ids_of(span: Option<&tracing::span::Id>) -> Option<(TraceId, SpanId)> {
     let dispatch = tracing::dispatcher::get_default(Clone::clone);
     let cx = span
@@ -123,6 +125,36 @@ mod tests {
             .with_remote_span_context(remote)
             .attach();
         assert_eq!(ids_of(None), Some((trace, span)));
+    }
+
+    #[test]
+    fn a_span_the_trace_layer_leaves_out_takes_its_parents_ids() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::filter::{LevelFilter, Targets};
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::{Layer, fmt};
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let traces = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("test"))
+            .with_filter(
+                Targets::new()
+                    .with_target("cis2_session_broker", tracing::Level::INFO)
+                    .with_target(crate::telemetry::LOG_CONTEXT_TARGET, LevelFilter::OFF),
+            );
+        // A log layer that sees every span, as the real one sees the log-context spans.
+        let logs = fmt::layer().with_writer(std::io::sink);
+        let subscriber = tracing_subscriber::registry().with(traces).with(logs);
+        tracing::subscriber::with_default(subscriber, || {
+            let call = tracing::info_span!("call");
+            let _call = call.enter();
+            let context =
+                tracing::info_span!(target: crate::telemetry::LOG_CONTEXT_TARGET, "caller");
+            let _context = context.enter();
+            let want = ids_of(call.id().as_ref());
+            assert!(want.is_some(), "the call's span has ids");
+            assert!(context.id().is_some(), "the log-context span exists");
+            assert_eq!(ids_of(context.id().as_ref()), want);
+        });
     }
 
     #[test]
