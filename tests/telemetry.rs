@@ -364,3 +364,43 @@ async fn metrics_count_calls_codes_and_upstream_requests() {
     assert!(!after.contains(SMARTCARD_ONLY));
     h.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_count_apim_exchanges_and_their_requests() {
+    exporter();
+    let h = Harness::start_with(Options {
+        store: Store::Memory,
+        apim: Some(Pattern::Separate),
+        ..Options::default()
+    })
+    .await;
+    let exchanged = r#"session_broker_token_exchanges_total{outcome="success"}"#;
+    let request = r#"session_broker_upstream_requests_total{upstream="apim",endpoint="token endpoint",status="2xx"}"#;
+    let latency = r#"session_broker_upstream_request_duration_seconds_count{upstream="apim",endpoint="token endpoint"}"#;
+    let (_, before) = scrape(&h).await;
+
+    let signed_in = h
+        .sign_in(pb::Aal::Aal2, PASSKEY_ONLY, None)
+        .await
+        .expect("signed in");
+    for _ in 0..2 {
+        h.client
+            .clone()
+            .get_pds_token(pb::GetPdsTokenRequest {
+                session_token: signed_in.session_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("GetPdsToken");
+    }
+
+    // Tests in this binary run concurrently: at least this test's one exchange is counted.
+    let (_, after) = scrape(&h).await;
+    for series in [exchanged, request, latency] {
+        assert!(
+            value(&after, series) - value(&before, series) >= 1.0,
+            "{series} did not count: {after}"
+        );
+    }
+    h.stop().await;
+}

@@ -15,6 +15,7 @@
 use crate::clock::Clock;
 use crate::config::ApimConfig;
 use crate::error::BrokerError;
+use crate::metrics::{self, Outcome, Upstream};
 use crate::secret::Secret;
 use crate::signing::{MAX_ASSERTION_LIFETIME, SigningKeys};
 use reqwest::RequestBuilder;
@@ -295,10 +296,20 @@ impl ApimClient {
             Ok(answer) => answer,
             Err(cause) => {
                 tracing::warn!(upstream = "apim", grant = grant.name(), elapsed_ms = elapsed_ms(), error = %cause, "APIM request failed");
-                return Err(ApimError::Unavailable(cause));
+                metrics::upstream(Upstream::Apim, TOKEN_ENDPOINT, None, started.elapsed());
+                let outcome = Err(ApimError::Unavailable(cause));
+                count(grant, &outcome);
+                return outcome;
             }
         };
+        metrics::upstream(
+            Upstream::Apim,
+            TOKEN_ENDPOINT,
+            Some(answer.status),
+            started.elapsed(),
+        );
         let outcome = interpret(grant, answer.status, &answer.body, issued_at, secrets);
+        count(grant, &outcome);
         match &outcome {
             Ok(_) => tracing::info!(
                 upstream = "apim",
@@ -318,6 +329,26 @@ impl ApimClient {
             ),
         }
         outcome
+    }
+}
+
+/// The endpoint label of APIM's `/oauth2/token` in the upstream metrics.
+const TOKEN_ENDPOINT: &str = "token endpoint";
+
+/// Counts a token exchange or a refresh by how it ended (`metrics` module table); the combined
+/// pattern's code exchange is counted as a sign-in instead.
+fn count(grant: Grant, outcome: &Result<TokenGrant, ApimError>) {
+    let outcome = match outcome {
+        Ok(_) => Outcome::Success,
+        Err(ApimError::Unavailable(_)) => Outcome::Unavailable,
+        Err(ApimError::Rejected { .. } | ApimError::InvalidGrant | ApimError::Misconfigured(_)) => {
+            Outcome::Rejected
+        }
+    };
+    match grant {
+        Grant::TokenExchange => metrics::token_exchange(outcome),
+        Grant::RefreshToken => metrics::token_refresh(outcome),
+        Grant::AuthorizationCode => {}
     }
 }
 
