@@ -13,7 +13,9 @@ use crate::session::redis::RedisStore;
 use crate::session::{KeyRing, SessionStore};
 use crate::signing::SigningKeys;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -204,7 +206,7 @@ pub async fn run(
         // TCP_NODELAY: without it a reply written in two pieces waits for the client's
         // delayed ACK (40 ms per GetSession, measured in docs/benchmarks.md).
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            OneWriteIncoming(TcpIncoming::from(grpc).with_nodelay(Some(true))),
             stopped(stop_rx.clone()),
         );
     let http_server = axum::serve(http, crate::http::router(app.clone()))
@@ -225,6 +227,70 @@ pub async fn run(
     h.map_err(|e| StartupError::Serve(format!("HTTP: {e}")))?;
     info!("broker stopped");
     Ok(())
+}
+
+/// Accepted gRPC connections, each as a [`OneWrite`] stream.
+struct OneWriteIncoming(TcpIncoming);
+
+impl futures_core::Stream for OneWriteIncoming {
+    type Item = std::io::Result<OneWrite>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.0)
+            .poll_next(cx)
+            .map(|next| next.map(|accepted| accepted.map(OneWrite)))
+    }
+}
+
+/// A TCP stream that tells HTTP/2 it has no vectored writes. h2 then copies a DATA frame of up
+/// to 1 KiB into its write buffer instead of sending it as a separate buffer, so an answer of
+/// a few hundred bytes (GetSession's) goes out with its headers and trailers in one write,
+/// as a short one (GetCurrentAal's) already does: 1.6 writes a call instead of 2.8, measured in
+/// docs/benchmarks.md. Every write still reaches the socket whole: tokio's default vectored
+/// write sends the first buffer, and h2 loops until everything is written.
+struct OneWrite(tokio::net::TcpStream);
+
+impl tonic::transport::server::Connected for OneWrite {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for OneWrite {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for OneWrite {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
