@@ -59,9 +59,11 @@ fn decode(plain: &[u8]) -> Result<SessionRecord, SealError> {
     }
 }
 
-// The stored messages. Field numbers are the format: add, never renumber or reuse.
+// The stored messages. Field numbers are the format: add, never renumber or reuse. The record
+// and the ID token skip prost's derived `Debug`, which would print the token and the user.
 
 #[derive(Clone, PartialEq, Message)]
+#[prost(skip_debug)]
 struct StoredRecord {
     #[prost(message, optional, tag = "1")]
     user: Option<StoredUser>,
@@ -140,6 +142,7 @@ struct StoredOrganisation {
 /// A compact JWS as its decoded segments when encoding them again gives the same text back
 /// (the engine refuses padding and stray trailing bits, so it does); any other token as text.
 #[derive(Clone, PartialEq, Message)]
+#[prost(skip_debug)]
 struct StoredIdToken {
     #[prost(string, optional, tag = "1")]
     text: Option<String>,
@@ -149,6 +152,18 @@ struct StoredIdToken {
     payload: Vec<u8>,
     #[prost(bytes = "vec", tag = "4")]
     signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for StoredRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoredRecord([redacted])")
+    }
+}
+
+impl std::fmt::Debug for StoredIdToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 impl StoredIdToken {
@@ -558,6 +573,28 @@ mod tests {
         assert!(binary.len() * 3 < json * 2, "{} vs {json}", binary.len());
         let sealed = rec.seal(&ring(), b"aad").expect("seals");
         assert!(!sealed.windows(8).any(|w| w == b"Lovelace"));
+    }
+
+    #[test]
+    fn debug_output_shows_no_token() {
+        let rec = record(Some(JWS));
+        let stored = StoredRecord::from(&rec);
+        let id_token = rec.id_token.expose().clone().expect("a token");
+        for text in [
+            format!("{rec:?}"),
+            format!("{id_token:?}"),
+            format!("{:?}", stored.id_token),
+        ] {
+            assert!(!text.contains("eyJ"), "{text}");
+        }
+        // The stored forms show nothing at all (the token is kept as bytes there, which a
+        // derived Debug would list).
+        assert_eq!(format!("{:?}", stored.id_token), "Some([redacted])");
+        let text = format!("{stored:?}");
+        assert!(
+            !text.contains("eyJ") && !text.contains("Lovelace"),
+            "{text}"
+        );
     }
 
     #[test]
