@@ -12,6 +12,7 @@
 //! the one re-read under the lock, never one read before it.
 
 use super::client::{ApimClient, ApimError, TokenGrant};
+use super::grant::{CachedGrant, usable_until};
 use crate::aal::Aal;
 use crate::clock::Clock;
 use crate::error::{BrokerError, Result};
@@ -21,14 +22,10 @@ use crate::session::token::random_urlsafe;
 use crate::session::{KeyRing, SessionId, SessionStore};
 use opentelemetry::context::FutureExt as _;
 use rand::RngExt;
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tracing::{Instrument, info, instrument, warn};
 
-/// An ID token or refresh token with less than this left is treated as expired: it could expire
-/// in flight, and APIM would refuse it.
-const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
 /// Waiters poll the cache every 10-40 ms: quick to notice the token, light on the store.
 const POLL_MIN_MS: u64 = 10;
 const POLL_MAX_MS: u64 = 40;
@@ -83,58 +80,6 @@ impl std::fmt::Debug for TokenService {
     }
 }
 
-/// What is sealed in a cache field.
-#[derive(Serialize, Deserialize)]
-struct CachedGrant {
-    #[serde(with = "crate::secret::exposed")]
-    access_token: Secret<String>,
-    token_type: String,
-    expires_at_ms: u64,
-    #[serde(with = "crate::secret::exposed")]
-    refresh_token: Secret<Option<String>>,
-    refresh_expires_at_ms: Option<u64>,
-    scope: Option<String>,
-}
-
-impl CachedGrant {
-    fn from_grant(grant: &TokenGrant) -> Self {
-        CachedGrant {
-            access_token: grant.access_token.clone(),
-            token_type: grant.token_type.clone(),
-            expires_at_ms: to_ms(grant.expires_at),
-            refresh_token: Secret::new(grant.refresh_token.as_ref().map(|t| t.expose().to_owned())),
-            refresh_expires_at_ms: grant.refresh_expires_at.map(to_ms),
-            scope: grant.scope.clone(),
-        }
-    }
-
-    fn expires_at(&self) -> SystemTime {
-        from_ms(self.expires_at_ms)
-    }
-
-    fn valid_for(&self, now: SystemTime) -> Duration {
-        self.expires_at()
-            .duration_since(now)
-            .unwrap_or(Duration::ZERO)
-    }
-
-    /// The refresh token, if it is not known to have expired.
-    fn usable_refresh_token(&self, now: SystemTime) -> Option<&str> {
-        let alive = self
-            .refresh_expires_at_ms
-            .is_none_or(|at| usable_until(from_ms(at), now));
-        self.refresh_token.expose().as_deref().filter(|_| alive)
-    }
-
-    fn issued(&self) -> IssuedToken {
-        IssuedToken {
-            access_token: self.access_token.clone(),
-            token_type: self.token_type.clone(),
-            expires_at: self.expires_at(),
-        }
-    }
-}
-
 /// One request for a token, owned, so the fetch can outlive a caller that goes away.
 struct Job {
     session_id: SessionId,
@@ -157,7 +102,7 @@ impl Job {
         let newer = self
             .seen
             .as_ref()
-            .is_none_or(|seen| seen.expose() != grant.access_token.expose());
+            .is_none_or(|seen| seen.expose() != grant.access_token());
         newer && grant.valid_for(now) > Duration::ZERO
     }
 
@@ -200,23 +145,6 @@ fn plan<'a>(
         (None, Some(id_token)) => Plan::Exchange { id_token },
         (None, None) => Plan::SignInAgain,
     }
-}
-
-fn usable_until(expires_at: SystemTime, now: SystemTime) -> bool {
-    now.checked_add(EXPIRY_MARGIN)
-        .is_some_and(|t| t < expires_at)
-}
-
-fn to_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-fn from_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH
-        .checked_add(Duration::from_millis(ms))
-        .unwrap_or(UNIX_EPOCH)
 }
 
 /// The associated data of a sealed token: a value copied to another session or field won't open.
@@ -283,7 +211,7 @@ impl TokenService {
             id_token_expires_at: s.id_token_expires_at,
             ttl: s.ttl,
             min_validity,
-            seen: seen.map(|g| g.access_token),
+            seen: seen.map(|g| Secret::new(g.access_token().to_owned())),
         });
         // A cache hit opens no span (it is the hot path); a fetch does.
         let span = tracing::info_span!(
@@ -435,9 +363,8 @@ impl Inner {
 
     /// Keeps the access token but drops a refresh token APIM refused, so later calls don't
     /// offer it again. Best effort: failing leaves one more refused refresh to come.
-    async fn forget_refresh_token(&self, job: &Job, mut grant: CachedGrant) {
-        grant.refresh_token = Secret::new(None);
-        grant.refresh_expires_at_ms = None;
+    async fn forget_refresh_token(&self, job: &Job, grant: CachedGrant) {
+        let grant = grant.without_refresh_token();
         if let Err(error) = self.put(&job.session_id, &job.field, &grant, job.ttl).await {
             warn!(session_id = %job.session_id, %error, "could not drop a refused refresh token");
         }
@@ -516,7 +443,7 @@ impl Inner {
     /// A cached grant, or `None` when it no longer opens (its key left the ring, or tampering):
     /// then it is as good as absent.
     fn open(&self, id: &SessionId, field: &str, sealed: &[u8]) -> Option<CachedGrant> {
-        match self.keys.open_json(sealed, &token_aad(id, field)) {
+        match CachedGrant::open(&self.keys, sealed, &token_aad(id, field)) {
             Ok(grant) => Some(grant),
             Err(error) => {
                 warn!(session_id = %id, field, %error, "a cached APIM token could not be opened");
@@ -532,9 +459,8 @@ impl Inner {
         grant: &CachedGrant,
         ttl: Duration,
     ) -> Result<()> {
-        let sealed = self
-            .keys
-            .seal_json(grant, &token_aad(id, field))
+        let sealed = grant
+            .seal(&self.keys, &token_aad(id, field))
             .map_err(|e| BrokerError::Internal(format!("sealing an APIM token: {e}")))?;
         if !self.store.put_token(id, field, &sealed, ttl).await? {
             // Revoked or expired meanwhile: the token is dropped with it.
@@ -557,21 +483,7 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn t0() -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(1_800_000_000)
-    }
-
-    fn grant(access: &str, valid_for: Duration) -> CachedGrant {
-        CachedGrant {
-            access_token: Secret::new(access.into()),
-            token_type: "Bearer".into(),
-            expires_at_ms: to_ms(t0() + valid_for),
-            refresh_token: Secret::new(Some("rt".into())),
-            refresh_expires_at_ms: None,
-            scope: None,
-        }
-    }
+    use crate::apim::grant::tests::{grant, t0};
 
     fn job(seen: Option<&str>, min_validity: Duration) -> Job {
         Job {
@@ -643,17 +555,7 @@ mod tests {
     }
 
     #[test]
-    fn expiring_credentials_are_not_offered() {
-        let mut g = grant("a", Duration::from_secs(60));
-        assert_eq!(g.usable_refresh_token(t0()), Some("rt"));
-        g.refresh_expires_at_ms = Some(to_ms(t0() + Duration::from_secs(60)));
-        assert_eq!(g.usable_refresh_token(t0()), Some("rt"));
-        g.refresh_expires_at_ms = Some(to_ms(t0() + EXPIRY_MARGIN));
-        assert_eq!(g.usable_refresh_token(t0()), None);
-        g.refresh_token = Secret::new(None);
-        g.refresh_expires_at_ms = None;
-        assert_eq!(g.usable_refresh_token(t0()), None);
-
+    fn expiring_id_tokens_are_not_offered() {
         let mut j = job(None, Duration::ZERO);
         assert_eq!(j.exchangeable_id_token(t0()), Some("idt"));
         j.id_token_expires_at = Some(crate::clock::unix_seconds(t0()) + 5);
@@ -663,12 +565,5 @@ mod tests {
         j.id_token_expires_at = Some(crate::clock::unix_seconds(t0()) + 60);
         j.id_token = None;
         assert_eq!(j.exchangeable_id_token(t0()), None);
-    }
-
-    #[test]
-    fn milliseconds_round_trip_and_clamp() {
-        let t = t0() + Duration::from_millis(123);
-        assert_eq!(from_ms(to_ms(t)), t);
-        assert_eq!(to_ms(UNIX_EPOCH - Duration::from_secs(1)), 0);
     }
 }

@@ -24,8 +24,9 @@ use crate::secret::Secret;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost::Message;
+use serde::de::DeserializeOwned;
 
-/// The first byte of a Protocol Buffers record. JSON records start with `{` (0x7b).
+/// The first byte of a Protocol Buffers value. JSON values start with `{` (0x7b).
 const PROTOBUF: u8 = 2;
 
 impl SessionRecord {
@@ -41,20 +42,41 @@ impl SessionRecord {
 }
 
 fn encode(record: &SessionRecord) -> Vec<u8> {
-    let message = StoredRecord::from(record);
+    encode_message(&StoredRecord::from(record))
+}
+
+fn decode(plain: &[u8]) -> Result<SessionRecord, SealError> {
+    match decode_message::<StoredRecord, SessionRecord>(plain)? {
+        Decoded::Current(m) => SessionRecord::try_from(m).map_err(|_| SealError::Corrupt),
+        Decoded::Legacy(record) => Ok(record),
+    }
+}
+
+/// What a stored value held: today's message, or the JSON an earlier version wrote.
+pub(crate) enum Decoded<M, J> {
+    Current(M),
+    Legacy(J),
+}
+
+/// A value as stored: the format byte, then the message. Shared with the APIM token cache.
+pub(crate) fn encode_message(message: &impl Message) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + message.encoded_len());
     out.push(PROTOBUF);
     message.encode_raw(&mut out);
     out
 }
 
-fn decode(plain: &[u8]) -> Result<SessionRecord, SealError> {
+/// Reads what [`encode_message`] wrote, or the JSON object of versions before it.
+pub(crate) fn decode_message<M: Message + Default, J: DeserializeOwned>(
+    plain: &[u8],
+) -> Result<Decoded<M, J>, SealError> {
     match plain.split_first() {
-        Some((&PROTOBUF, rest)) => StoredRecord::decode(rest)
-            .ok()
-            .and_then(|m| SessionRecord::try_from(m).ok())
-            .ok_or(SealError::Corrupt),
-        Some((b'{', _)) => serde_json::from_slice(plain).map_err(|_| SealError::Corrupt),
+        Some((&PROTOBUF, rest)) => M::decode(rest)
+            .map(Decoded::Current)
+            .map_err(|_| SealError::Corrupt),
+        Some((b'{', _)) => serde_json::from_slice(plain)
+            .map(Decoded::Legacy)
+            .map_err(|_| SealError::Corrupt),
         _ => Err(SealError::Corrupt),
     }
 }
