@@ -1,8 +1,8 @@
 //! Logs and OpenTelemetry traces.
 //!
 //! - Logs: level from `RUST_LOG` (default `info`); JSON lines in production, each carrying the
-//!   `trace_id` and `span_id` of the call it belongs to; text in dev mode. Log lines carry fields,
-//!   never secrets: secrets are `Secret`s and print `[redacted]`.
+//!   `caller`, `rpc`, `trace_id` and `span_id` of the call it belongs to; text in dev mode. Log
+//!   lines carry fields, never secrets: secrets are `Secret`s and print `[redacted]`.
 //! - Traces: the `tracing` spans of this crate become OpenTelemetry spans when they are exported
 //!   over OTLP/gRPC, that is when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set;
 //!   the other standard variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
@@ -13,20 +13,26 @@
 //!   as the specification's no-op tracer does: CIS2 and APIM receive the caller's `traceparent`,
 //!   and log lines carry the caller's trace and span ids.
 //! - [`grpc`]: the tower layer giving each RPC its server span and its metrics.
+//! - [`call`]: the caller and RPC of the call being served, for log lines.
 //! - [`inject_context`] / [`extract_context`]: W3C `traceparent`/`tracestate` on HTTP headers.
 
+pub mod call;
 pub mod grpc;
 mod json;
 mod propagation;
+mod text;
 
 pub use propagation::{extract_context, inject_context, inject_span_context};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing::Level;
+use std::io::IsTerminal as _;
+use tracing::{Level, Subscriber};
 use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets, filter_fn};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -44,11 +50,6 @@ pub const VERSION: &str = concat!(
 /// The service name in traces unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` says
 /// otherwise.
 pub const DEFAULT_SERVICE_NAME: &str = "session-broker";
-
-/// The target of spans that only give log lines their context (the caller of a call): the trace
-/// layer leaves them out, as the log layer leaves out a call's server span, so each layer
-/// builds one span per call.
-pub const LOG_CONTEXT_TARGET: &str = "cis2_session_broker::log_context";
 
 /// The name this crate's tracer reports as its instrumentation scope.
 const SCOPE: &str = "cis2-session-broker";
@@ -113,11 +114,7 @@ pub fn install(format: LogFormat, provider: Option<SdkTracerProvider>) -> Teleme
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
-            .with_filter(
-                Targets::new()
-                    .with_target("cis2_session_broker", Level::INFO)
-                    .with_target(LOG_CONTEXT_TARGET, LevelFilter::OFF),
-            )
+            .with_filter(Targets::new().with_target("cis2_session_broker", Level::INFO))
     });
     let level = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The log layer leaves out each call's server span: it would format that span's fields into
@@ -130,25 +127,37 @@ pub fn install(format: LogFormat, provider: Option<SdkTracerProvider>) -> Teleme
             // every dependency would be asked about at run time instead of compiled out.
             .with_max_level_hint(hint.unwrap_or(LevelFilter::TRACE)),
     );
-    let registry = tracing_subscriber::registry().with(traces);
-    let _ = match format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .event_format(json::JsonWithTraceIds::new())
-                    .with_filter(logs),
-            )
-            .try_init(),
-        LogFormat::Text => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_target(false)
-                    .with_filter(logs),
-            )
-            .try_init(),
-    };
+    let colours = format == LogFormat::Text && std::io::stdout().is_terminal();
+    let _ = tracing_subscriber::registry()
+        .with(traces)
+        .with(log_layer(format, std::io::stdout, colours).with_filter(logs))
+        .try_init();
     Telemetry { provider }
+}
+
+/// The log layer [`install`] uses, unfiltered, writing to `writer` (tests read its lines).
+/// `colours`: ANSI colours in text lines.
+pub fn log_layer<S, W>(
+    format: LogFormat,
+    writer: W,
+    colours: bool,
+) -> Box<dyn Layer<S> + Send + Sync + 'static>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .event_format(json::JsonWithTraceIds::new())
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .event_format(text::TextWithCall::new())
+            .with_ansi(colours)
+            .with_writer(writer)
+            .boxed(),
+    }
 }
 
 /// The provider [`init`] uses (none when nothing is to be exported), and why it exports

@@ -590,13 +590,21 @@ impl Captured {
 
 #[tokio::test]
 async fn caller_tokens_never_reach_a_log_line_or_an_error() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
+    use cis2_session_broker::telemetry::{LogFormat, log_layer};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::{Layer, filter::LevelFilter};
+    // The broker's own log layers, text and JSON, at the most verbose level.
+    let (logs, json_logs) = (Captured::default(), Captured::default());
+    let (text_writer, json_writer) = (logs.clone(), json_logs.clone());
+    let subscriber = tracing_subscriber::registry()
+        .with(
+            log_layer(LogFormat::Text, move || text_writer.clone(), false)
+                .with_filter(LevelFilter::TRACE),
+        )
+        .with(
+            log_layer(LogFormat::Json, move || json_writer.clone(), false)
+                .with_filter(LevelFilter::TRACE),
+        );
     // Global, not per thread: tracing caches whether a log statement is wanted when it is first
     // reached, possibly by another test's thread, and would skip it here for good.
     tracing::subscriber::set_global_default(subscriber)
@@ -636,10 +644,31 @@ async fn caller_tokens_never_reach_a_log_line_or_an_error() {
         text.contains("caller refused") && text.contains("caller may not use this RPC"),
         "the refusals were logged: the capture works"
     );
+    let started = text
+        .lines()
+        .find(|line| line.contains("sign-in started"))
+        .expect("StartLogin logged");
     assert!(
-        text.contains(&format!("caller{{caller={CALLER_NAME} rpc=StartLogin}}")),
-        "events inside a call carry the caller's name"
+        started.ends_with(&format!(" caller={CALLER_NAME} rpc=StartLogin")),
+        "events inside a call carry the caller's name: {started}"
     );
+    let json = json_logs.text();
+    let started: serde_json::Value = json
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["message"] == "sign-in started")
+        .expect("StartLogin logged as JSON");
+    assert_eq!(started["caller"], CALLER_NAME, "{started}");
+    assert_eq!(started["rpc"], "StartLogin", "{started}");
+    let refused = text
+        .lines()
+        .find(|line| line.contains("caller refused"))
+        .expect("a refusal logged");
+    assert!(
+        !refused.contains(" caller="),
+        "a refused call has no caller: {refused}"
+    );
+    let text = format!("{text}{json}");
     for (what, token) in [
         ("harness token", CALLER_TOKEN),
         ("web token", WEB_TOKEN),

@@ -26,12 +26,22 @@ impl Write for Captured {
 
 #[tokio::test]
 async fn no_secret_reaches_redis_or_the_logs() {
+    use cis2_session_broker::telemetry::{LogFormat, log_layer};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, filter::LevelFilter};
+    // The broker's own log layers, as `serve` (JSON) and `dev` (text) print, at every level.
     let logs = Captured::default();
-    let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
+    let (text_writer, json_writer) = (logs.clone(), logs.clone());
+    tracing_subscriber::registry()
+        .with(
+            log_layer(LogFormat::Json, move || json_writer.clone(), false)
+                .with_filter(LevelFilter::TRACE),
+        )
+        .with(
+            log_layer(LogFormat::Text, move || text_writer.clone(), false)
+                .with_filter(LevelFilter::TRACE),
+        )
         .init();
 
     let h = Harness::start_with(Options {

@@ -20,6 +20,7 @@ use crate::secret::Secret;
 use crate::session::codec::IdToken;
 use crate::session::token::random_urlsafe;
 use crate::session::{KeyRing, SessionId, SessionStore};
+use crate::telemetry::call;
 use opentelemetry::context::FutureExt as _;
 use rand::RngExt;
 use std::sync::Arc;
@@ -264,7 +265,7 @@ impl Inner {
     /// still released.
     async fn hold(this: &Arc<Self>, job: Arc<Job>, owner: String) -> Result<IssuedToken> {
         let inner = Arc::clone(this);
-        let task = tokio::spawn(
+        let task = tokio::spawn(call::carry(
             async move {
             let renewal = inner.keep_lock(&job, &owner);
             let outcome = inner.fetch_and_store(&job).await;
@@ -286,10 +287,10 @@ impl Inner {
             outcome
         }
             // The fetch stays in the caller's trace (the span's, or when spans are not
-            // exported, the caller's context).
+            // exported, the caller's context), and its log lines name the call's caller.
             .instrument(tracing::Span::current())
             .with_current_context(),
-        );
+        ));
         task.await
             .map_err(|e| BrokerError::Internal(format!("the token fetch task failed: {e}")))?
     }
@@ -298,7 +299,7 @@ impl Inner {
     fn keep_lock(self: &Arc<Self>, job: &Arc<Job>, owner: &str) -> AbortOnDrop {
         let (inner, job, owner) = (Arc::clone(self), Arc::clone(job), owner.to_owned());
         let period = (self.lock_lease / 3).max(Duration::from_millis(10));
-        AbortOnDrop(tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(call::carry(async move {
             loop {
                 tokio::time::sleep(period).await;
                 match inner
@@ -317,7 +318,7 @@ impl Inner {
                     }
                 }
             }
-        }))
+        })))
     }
 
     /// Under the lock: re-read, then refresh or exchange, store, and return.

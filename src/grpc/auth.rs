@@ -31,7 +31,6 @@ use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-use tracing::Instrument;
 
 /// Every RPC of `session_broker.v1.SessionBroker`, as allow-lists name them.
 pub const RPC_NAMES: &[&str] = &[
@@ -484,20 +483,19 @@ where
         match self.callers.admit(&presented, rpc) {
             Ok(caller) => {
                 // The call's server span (telemetry::grpc), current here, carries the caller
-                // in traces; log lines get it from a span of their own, which the trace layer
-                // leaves out (`telemetry::LOG_CONTEXT_TARGET`).
+                // in traces; log lines get it from the call's context (telemetry::call).
                 tracing::Span::current().record("caller", tracing::field::display(&caller));
-                let span = tracing::info_span!(
-                    target: crate::telemetry::LOG_CONTEXT_TARGET,
-                    "caller",
-                    caller = %caller,
-                    rpc = %rpc,
-                );
+                let call = crate::telemetry::call::Call {
+                    caller: Arc::clone(&caller.name),
+                    rpc: crate::telemetry::grpc::method_of(req.uri().path()),
+                };
                 req.extensions_mut().insert(caller);
                 // The service polled ready serves this call; its clone waits for the next one.
                 let ready = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, ready);
-                Box::pin(async move { inner.call(req).await }.instrument(span))
+                Box::pin(crate::telemetry::call::serve(call, async move {
+                    inner.call(req).await
+                }))
             }
             Err(e) => {
                 let response = tonic::Status::from(e).into_http();

@@ -164,6 +164,12 @@ fn code_name(code: i32) -> &'static str {
     }
 }
 
+/// The method a request path names, when the server hosts it, else `"unknown"`: a name that
+/// lives as long as the process, for the log context of a call (`telemetry::call`).
+pub fn method_of(path: &str) -> &'static str {
+    rpc_name(path).1
+}
+
 /// `(service, method)` for a request path, when it names a method the server hosts; any other
 /// path is `("unknown", "unknown")`, so a caller cannot mint new metric series or span names.
 fn rpc_name(path: &str) -> (&'static str, &'static str) {

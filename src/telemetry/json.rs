@@ -1,9 +1,11 @@
-//! JSON log lines with the OpenTelemetry `trace_id` and `span_id` of the span they were logged
-//! in, so a log search and a trace search meet. The line itself is tracing-subscriber's JSON
-//! format; only the two ids are added.
+//! JSON log lines with the `caller` and `rpc` of the call they were logged in
+//! ([`super::call`]), and the OpenTelemetry `trace_id` and `span_id` of their span, so a log
+//! search and a trace search meet. The line itself is tracing-subscriber's JSON format; only
+//! these members are added.
 
+use super::call;
 use opentelemetry::trace::{SpanId, TraceContextExt, TraceId};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent};
@@ -45,15 +47,34 @@ where
             .parent_span()
             .map(|span| span.id())
             .or_else(|| tracing::Span::current().id());
-        let ids = ids_of(span.as_ref());
-        writer.write_str(&with_ids(&line, ids))
+        let members = members(call::current().as_ref(), ids_of(span.as_ref()));
+        writer.write_str(&with_members(&line, &members))
     }
+}
+
+/// The members added to a line, each with a leading comma: `,"caller":"…","rpc":"…"` and
+/// `,"trace_id":"…","span_id":"…"`, those that are known.
+fn members(call: Option<&call::Call>, ids: Option<(TraceId, SpanId)>) -> String {
+    let mut out = String::new();
+    if let Some(call) = call {
+        // A configured name; escaped all the same, as a JSON string.
+        let caller = serde_json::to_string(&*call.caller).unwrap_or_else(|_| "\"\"".into());
+        let _ = write!(out, ",\"caller\":{caller},\"rpc\":\"{}\"", call.rpc);
+    }
+    if let Some((trace_id, span_id)) = ids {
+        // Both ids are lowercase hex: nothing in them needs escaping.
+        let _ = write!(
+            out,
+            ",\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\""
+        );
+    }
+    out
 }
 
 /// The trace and span ids the OpenTelemetry layer gave `span`; otherwise those of the current
 /// OpenTelemetry context: the innermost entered span the layer traces (it makes an entered
-/// span's context current, so a log-context span it leaves out shows its parent's ids), or,
-/// when spans are not exported, the caller's context attached to the call.
+/// span's context current, so a span it leaves out shows its parent's ids), or, when spans are
+/// not exported, the caller's context attached to the call.
 fn ids_of(span: Option<&tracing::span::Id>) -> Option<(TraceId, SpanId)> {
     let dispatch = tracing::dispatcher::get_default(Clone::clone);
     let cx = span
@@ -64,23 +85,23 @@ fn ids_of(span: Option<&tracing::span::Id>) -> Option<(TraceId, SpanId)> {
     sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
 }
 
-/// `line` (one JSON object and a newline) with `"trace_id"` and `"span_id"` added as its last
-/// members. A line that is not an object ending in `}` is returned as it was.
-fn with_ids(line: &str, ids: Option<(TraceId, SpanId)>) -> String {
-    let Some((trace_id, span_id)) = ids else {
+/// `line` (one JSON object and a newline) with `members` (each with a leading comma, as
+/// [`members`] writes them) added as its last members. A line that is not an object ending in
+/// `}` is returned as it was.
+fn with_members(line: &str, members: &str) -> String {
+    if members.is_empty() {
         return line.to_owned();
-    };
+    }
     let body = line.trim_end();
     let Some(open) = body.strip_suffix('}') else {
         return line.to_owned();
     };
-    let separator = if open.trim_end().ends_with('{') {
-        ""
+    let members = if open.trim_end().ends_with('{') {
+        members.strip_prefix(',').unwrap_or(members)
     } else {
-        ","
+        members
     };
-    // Both ids are lowercase hex: nothing in them needs escaping.
-    format!("{open}{separator}\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}\n")
+    format!("{open}{members}}}\n")
 }
 
 #[cfg(test)]
@@ -110,7 +131,11 @@ mod tests {
             ("", ids, String::new()),
         ];
         for (line, ids, want) in cases {
-            assert_eq!(with_ids(line, ids), want, "line {line:?}");
+            assert_eq!(
+                with_members(line, &members(None, ids)),
+                want,
+                "line {line:?}"
+            );
         }
     }
 
@@ -139,20 +164,19 @@ mod tests {
             .with_filter(
                 Targets::new()
                     .with_target("cis2_session_broker", tracing::Level::INFO)
-                    .with_target(crate::telemetry::LOG_CONTEXT_TARGET, LevelFilter::OFF),
+                    .with_target("elsewhere", LevelFilter::OFF),
             );
-        // A log layer that sees every span, as the real one sees the log-context spans.
+        // A log layer that sees every span, including those the trace layer leaves out.
         let logs = fmt::layer().with_writer(std::io::sink);
         let subscriber = tracing_subscriber::registry().with(traces).with(logs);
         tracing::subscriber::with_default(subscriber, || {
             let call = tracing::info_span!("call");
             let _call = call.enter();
-            let context =
-                tracing::info_span!(target: crate::telemetry::LOG_CONTEXT_TARGET, "caller");
+            let context = tracing::info_span!(target: "elsewhere", "untraced");
             let _context = context.enter();
             let want = ids_of(call.id().as_ref());
             assert!(want.is_some(), "the call's span has ids");
-            assert!(context.id().is_some(), "the log-context span exists");
+            assert!(context.id().is_some(), "the untraced span exists");
             assert_eq!(ids_of(context.id().as_ref()), want);
         });
     }
@@ -162,10 +186,16 @@ mod tests {
         let trace = TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("valid hex");
         let span = SpanId::from_hex("b7ad6b7169203331").expect("valid hex");
         let line = "{\"fields\":{\"m\":\"}\"},\"x\":\"{\"}\n";
-        let out = with_ids(line, Some((trace, span)));
+        let call = call::Call {
+            caller: "odd \"name\"\\".into(),
+            rpc: "GetSession",
+        };
+        let out = with_members(line, &members(Some(&call), Some((trace, span))));
         let value: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
         assert_eq!(value["trace_id"], "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(value["span_id"], "b7ad6b7169203331");
+        assert_eq!(value["caller"], "odd \"name\"\\");
+        assert_eq!(value["rpc"], "GetSession");
         assert_eq!(value["x"], "{");
         assert!(out.ends_with("}\n") && out.matches('\n').count() == 1);
     }
