@@ -105,10 +105,16 @@ pub fn init(format: LogFormat) -> Telemetry {
 /// in-memory exporter. When a global subscriber is already installed (a second call in one test
 /// binary), that one stays.
 pub fn install(format: LogFormat, provider: Option<SdkTracerProvider>) -> Telemetry {
+    let _ = dispatch(format, provider.as_ref()).try_init();
+    Telemetry { provider }
+}
+
+/// The logs, and the traces when `provider` exports them.
+fn dispatch(format: LogFormat, provider: Option<&SdkTracerProvider>) -> tracing::Dispatch {
     // Spans are traced at `info` from this crate whatever RUST_LOG says: RUST_LOG picks which
     // lines are logged, not which calls can be followed across services. Source locations,
     // thread names and busy/idle times would be attributes on every span, read by nobody.
-    let traces = provider.as_ref().map(|provider| {
+    let traces = provider.map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(SCOPE))
             .with_location(false)
@@ -116,23 +122,33 @@ pub fn install(format: LogFormat, provider: Option<SdkTracerProvider>) -> Teleme
             .with_tracked_inactivity(false)
             .with_filter(Targets::new().with_target("cis2_session_broker", Level::INFO))
     });
+    // Not `.with(Option<layer>)`: a `None` layer enables every span at the log level, and the
+    // registry would then build each call's server span although no layer wants it.
+    let registry = tracing_subscriber::registry();
+    match traces {
+        Some(traces) => registry.with(traces).with(stdout_logs(format)).into(),
+        None => registry.with(stdout_logs(format)).into(),
+    }
+}
+
+/// Log lines on standard output, at the level `RUST_LOG` names (default `info`).
+fn stdout_logs<S>(format: LogFormat) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
     let level = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The log layer leaves out each call's server span: it would format that span's fields into
     // a string on every call (the hot path's single largest cost after the sockets) for the few
     // calls that log anything. Lines logged in a call still carry its trace and span ids.
     let hint = level.max_level_hint();
-    let logs = level.and(
+    let filter = level.and(
         filter_fn(|meta| !(meta.is_span() && meta.target() == grpc::SPAN_TARGET))
             // Without a hint the pair would have none, and every `trace!` and `trace_span!` of
             // every dependency would be asked about at run time instead of compiled out.
             .with_max_level_hint(hint.unwrap_or(LevelFilter::TRACE)),
     );
     let colours = format == LogFormat::Text && std::io::stdout().is_terminal();
-    let _ = tracing_subscriber::registry()
-        .with(traces)
-        .with(log_layer(format, std::io::stdout, colours).with_filter(logs))
-        .try_init();
-    Telemetry { provider }
+    log_layer(format, std::io::stdout, colours).with_filter(filter)
 }
 
 /// The log layer [`install`] uses, unfiltered, writing to `writer` (tests read its lines).
@@ -213,6 +229,22 @@ fn resource() -> Resource {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn a_calls_server_span_is_built_only_when_traces_are_exported() {
+        let server_span = || tracing::info_span!(target: grpc::SPAN_TARGET, "grpc");
+        let exported = SdkTracerProvider::builder().build();
+        for format in [LogFormat::Json, LogFormat::Text] {
+            tracing::dispatcher::with_default(&dispatch(format, None), || {
+                assert!(server_span().is_disabled(), "{format:?}, no exporter");
+                // Spans of this crate that log lines show are still made.
+                assert!(!tracing::info_span!("start_login").is_disabled());
+            });
+            tracing::dispatcher::with_default(&dispatch(format, Some(&exported)), || {
+                assert!(!server_span().is_disabled(), "{format:?}, exported");
+            });
+        }
+    }
 
     #[test]
     fn exports_only_when_an_endpoint_is_set_and_nothing_turns_it_off() {
