@@ -12,9 +12,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, SanType,
 };
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -568,47 +567,10 @@ async fn a_required_client_certificate_keeps_out_connections_without_one() {
 
 // ---- logs ------------------------------------------------------------------------------------
 
-/// Every log line of this test binary, at the most verbose level.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log buffer").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
-    }
-}
-
 #[tokio::test]
 async fn caller_tokens_never_reach_a_log_line_or_an_error() {
-    use cis2_session_broker::telemetry::{LogFormat, log_layer};
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::{Layer, filter::LevelFilter};
-    // The broker's own log layers, text and JSON, at the most verbose level.
-    let (logs, json_logs) = (Captured::default(), Captured::default());
-    let (text_writer, json_writer) = (logs.clone(), json_logs.clone());
-    let subscriber = tracing_subscriber::registry()
-        .with(
-            log_layer(LogFormat::Text, move || text_writer.clone(), false)
-                .with_filter(LevelFilter::TRACE),
-        )
-        .with(
-            log_layer(LogFormat::Json, move || json_writer.clone(), false)
-                .with_filter(LevelFilter::TRACE),
-        );
-    // Global, not per thread: tracing caches whether a log statement is wanted when it is first
-    // reached, possibly by another test's thread, and would skip it here for good.
-    tracing::subscriber::set_global_default(subscriber)
-        .expect("the only subscriber in this binary");
+    // What `serve` (JSON) and `dev` (text) would print, at every level.
+    let (json_logs, logs) = capture_logs();
 
     let limited = format!(
         "[[callers]]\nname = \"slow\"\ntoken_sha256 = \"{}\"\nrpcs = [\"GetSession\"]\nrate_per_second = 1\n",

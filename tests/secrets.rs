@@ -4,45 +4,11 @@ mod common;
 
 use cis2_session_broker::grpc::pb;
 use common::*;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
-/// Collects every log line of this test binary, at the most verbose level.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .expect("log buffer lock")
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test]
 async fn no_secret_reaches_redis_or_the_logs() {
-    use cis2_session_broker::telemetry::{LogFormat, log_layer};
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{Layer, filter::LevelFilter};
-    // The broker's own log layers, as `serve` (JSON) and `dev` (text) print, at every level.
-    let logs = Captured::default();
-    let (text_writer, json_writer) = (logs.clone(), logs.clone());
-    tracing_subscriber::registry()
-        .with(
-            log_layer(LogFormat::Json, move || json_writer.clone(), false)
-                .with_filter(LevelFilter::TRACE),
-        )
-        .with(
-            log_layer(LogFormat::Text, move || text_writer.clone(), false)
-                .with_filter(LevelFilter::TRACE),
-        )
-        .init();
+    // What `serve` (JSON) and `dev` (text) would print, at every level.
+    let (json_logs, text_logs) = capture_logs();
 
     let h = Harness::start_with(Options {
         apim: Some(cis2_session_broker::config::Pattern::Separate),
@@ -197,7 +163,7 @@ async fn no_secret_reaches_redis_or_the_logs() {
 
     let dump = h.redis_dump().await;
     assert!(!dump.is_empty(), "the flow must have written to Redis");
-    let logs = String::from_utf8_lossy(&logs.0.lock().expect("log buffer lock")).into_owned();
+    let logs = format!("{}{}", json_logs.text(), text_logs.text());
     assert!(logs.contains("session created"), "logs were not captured");
     for (what, secret) in &secrets {
         assert!(

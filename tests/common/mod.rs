@@ -667,3 +667,49 @@ pub fn error_metadata(status: &tonic::Status, key: &str) -> Option<String> {
         .get_details_error_info()
         .and_then(|i| i.metadata.get(key).cloned())
 }
+
+// ---- logs ------------------------------------------------------------------------------------
+
+/// Log lines as written, shared between the layer writing them and the test reading them.
+#[derive(Clone, Default)]
+pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+/// Installs the broker's own log layers at every level as this test binary's global
+/// subscriber, and returns what they write: (JSON lines as `serve` prints them, text lines as
+/// `dev` does). Global, not per thread: tracing caches whether a log statement is wanted when
+/// it is first reached, possibly by another test's thread, and would skip it for good.
+pub fn capture_logs() -> (Captured, Captured) {
+    use cis2_session_broker::telemetry::{LogFormat, log_layer};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::{Layer, filter::LevelFilter};
+    let (json, text) = (Captured::default(), Captured::default());
+    let (json_writer, text_writer) = (json.clone(), text.clone());
+    let subscriber = tracing_subscriber::registry()
+        .with(
+            log_layer(LogFormat::Json, move || json_writer.clone(), false)
+                .with_filter(LevelFilter::TRACE),
+        )
+        .with(
+            log_layer(LogFormat::Text, move || text_writer.clone(), false)
+                .with_filter(LevelFilter::TRACE),
+        );
+    tracing::subscriber::set_global_default(subscriber)
+        .expect("the only subscriber in this test binary");
+    (json, text)
+}
