@@ -2,13 +2,14 @@
 # Benchmarks the broker against the floor (examples/floor.rs: one gRPC call doing one Redis GET)
 # on this machine, at 16 and 64 concurrent callers, and writes the table into docs/benchmarks.md.
 #
-#   scripts/bench.sh                       # ~7 minutes on 2 cores
+#   scripts/bench.sh                       # ~8 minutes on 2 cores
 #   BENCH_DURATION=5s BENCH_ROUNDS=1 scripts/bench.sh     # shorter
 #
-# Each concurrency runs ROUNDS rounds of floor, GetCurrentAal, GetSession, GetPdsToken, one
+# Each concurrency runs ROUNDS (5) rounds of floor, GetCurrentAal, GetSession, GetPdsToken, one
 # after the other, so that each ratio compares runs made a few seconds apart: on a shared
-# machine the figures drift by more than the differences measured. The table gives the median
-# of the rounds, and each ratio is the median of the rounds' own ratios.
+# machine the figures drift by more than the differences measured. Each round starts one
+# further along that list. The table gives the median of the rounds, and each ratio is the
+# median of the rounds' own ratios.
 #
 # Everything is private and on loopback: its own Redis on a free port, the CIS2 and APIM
 # simulators (examples/sims.rs), the production binary (`session-broker serve`) with the Redis
@@ -16,10 +17,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${BENCH_DURATION:-10s}
+DURATION=${BENCH_DURATION:-6s}
 WARMUP=${BENCH_WARMUP:-2s}
 CONCURRENCIES=${BENCH_CONCURRENCIES:-"16 64"}
-ROUNDS=${BENCH_ROUNDS:-3}
+ROUNDS=${BENCH_ROUNDS:-5}
 MEMORY_SESSIONS=${BENCH_MEMORY_SESSIONS:-100000}
 DOC=${BENCH_DOC:-docs/benchmarks.md}
 CALLBACK="http://127.0.0.1:9/bench/callback"
@@ -186,13 +187,22 @@ if [ -n "${SOAK_DURATION:-}" ]; then
   exit
 fi
 
+measure() {
+  case $1 in
+    floor) lg floor "$2" "http://127.0.0.1:$floor_port" --rpc floor --cpu-of "$floor_pid" ;;
+    GetCurrentAal) lg GetCurrentAal "$2" "$broker" --rpc get-current-aal --cpu-of "$broker_pid" ;;
+    GetSession) lg GetSession "$2" "$broker" --rpc get-session --cpu-of "$broker_pid" ;;
+    GetPdsToken) lg GetPdsToken "$2" "$broker" --rpc get-pds-token --cpu-of "$broker_pid" ;;
+  esac
+}
+measured=(floor GetCurrentAal GetSession GetPdsToken)
 for conc in $CONCURRENCIES; do
   for round in $(seq 1 "$ROUNDS"); do
     say "round $round of $ROUNDS at $conc callers"
-    lg floor "$conc" "http://127.0.0.1:$floor_port" --rpc floor --cpu-of "$floor_pid"
-    lg GetCurrentAal "$conc" "$broker" --rpc get-current-aal --cpu-of "$broker_pid"
-    lg GetSession "$conc" "$broker" --rpc get-session --cpu-of "$broker_pid"
-    lg GetPdsToken "$conc" "$broker" --rpc get-pds-token --cpu-of "$broker_pid"
+    # Each round starts one further along the list, so no RPC is always measured last.
+    for i in "${!measured[@]}"; do
+      measure "${measured[$(((i + round - 1) % ${#measured[@]}))]}" "$conc"
+    done
   done
   redis_bench "$conc"
 done
