@@ -5,6 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // The broker builds these headers as a BTreeMap: it moves into the answer as it is,
+        // with no hashing on the GetPdsToken hot path. The wire form is the same.
+        .btree_map(".session_broker.v1.ApiToken.headers")
         .file_descriptor_set_path(out.join("session_broker_descriptor.bin"))
         .compile_protos(
             &["proto/session_broker/v1/session_broker.proto"],

@@ -97,11 +97,12 @@ impl CachedGrant {
         }
     }
 
-    pub fn issued(&self) -> IssuedToken {
+    /// The token to hand out; the grant is done with, so its strings move, uncopied.
+    pub fn into_issued(self) -> IssuedToken {
         IssuedToken {
-            access_token: Secret::new(self.access_token.clone()),
-            token_type: self.token_type.clone(),
             expires_at: self.expires_at(),
+            access_token: Secret::new(self.access_token),
+            token_type: self.token_type,
         }
     }
 }

@@ -150,7 +150,14 @@ fn plan<'a>(
 
 /// The associated data of a sealed token: a value copied to another session or field won't open.
 fn token_aad(id: &SessionId, field: &str) -> Vec<u8> {
-    format!("apim-token|{id}|{field}").into_bytes()
+    // Every cached GetPdsToken builds one: a concatenation, not the formatting machinery.
+    [
+        &b"apim-token|"[..],
+        id.as_str().as_bytes(),
+        b"|",
+        field.as_bytes(),
+    ]
+    .concat()
 }
 
 fn new_owner() -> String {
@@ -200,10 +207,13 @@ impl TokenService {
             .find(|(name, _)| *name == field)
             .and_then(|(_, sealed)| self.inner.open(s.session_id, &field, sealed));
         let now = self.inner.clock.now();
-        if let Some(grant) = seen.as_ref().filter(|g| g.valid_for(now) > min_validity) {
-            crate::metrics::token_cache(true);
-            return Ok(grant.issued());
-        }
+        let seen = match seen {
+            Some(grant) if grant.valid_for(now) > min_validity => {
+                crate::metrics::token_cache(true);
+                return Ok(grant.into_issued());
+            }
+            other => other,
+        };
         crate::metrics::token_cache(false);
         let job = Arc::new(Job {
             session_id: s.session_id.clone(),
@@ -325,9 +335,10 @@ impl Inner {
     async fn fetch_and_store(&self, job: &Job) -> Result<IssuedToken> {
         let latest = self.read(job).await?;
         let now = self.clock.now();
-        if let Some(grant) = latest.as_ref().filter(|g| job.accepts(g, now)) {
-            return Ok(grant.issued());
-        }
+        let latest = match latest {
+            Some(grant) if job.accepts(&grant, now) => return Ok(grant.into_issued()),
+            other => other,
+        };
         let refresh_token = latest.as_ref().and_then(|g| g.usable_refresh_token(now));
         let id_token = job.exchangeable_id_token(now);
         let grant = match plan(refresh_token, self.client.can_refresh(), id_token) {
@@ -359,7 +370,7 @@ impl Inner {
         let cached = CachedGrant::from_grant(&grant);
         self.put(&job.session_id, &job.field, &cached, job.ttl)
             .await?;
-        Ok(cached.issued())
+        Ok(cached.into_issued())
     }
 
     /// Keeps the access token but drops a refresh token APIM refused, so later calls don't
@@ -430,7 +441,7 @@ impl Inner {
             .read(job)
             .await?
             .filter(|g| job.accepts(g, now))
-            .map(|g| g.issued()))
+            .map(CachedGrant::into_issued))
     }
 
     async fn read(&self, job: &Job) -> Result<Option<CachedGrant>> {
@@ -502,6 +513,16 @@ mod tests {
     fn fields_name_the_level_and_generation() {
         assert_eq!(token_field(Aal::Aal2, 0), "aal2:g0");
         assert_eq!(token_field(Aal::Aal3, 7), "aal3:g7");
+    }
+
+    #[test]
+    fn the_associated_data_is_pinned() {
+        // Grants cached by earlier versions were sealed with this text: it must not change.
+        let id = SessionId::parse(&"ab".repeat(16)).expect("32 hex digits");
+        assert_eq!(
+            token_aad(&id, "aal2:g0"),
+            format!("apim-token|{}|aal2:g0", "ab".repeat(16)).into_bytes()
+        );
     }
 
     #[test]

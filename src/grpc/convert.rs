@@ -71,7 +71,7 @@ impl From<ApiTokenView> for pb::ApiToken {
             expires_at: Some(timestamp(expires_at)),
             api,
             aal: aal(level).into(),
-            headers: headers.into_iter().collect(),
+            headers,
         }
     }
 }
