@@ -7,6 +7,11 @@
 //! for `--duration` and prints ops/s, p50/p90/p99/max latency and error counts by
 //! `ErrorInfo.reason`, per `--report-every` interval and for the whole run. The last line,
 //! `RESULT ...`, is for scripts. Loopback only: it refuses any other address.
+//!
+//! With `--target RPC,ADDR[,PID]` given more than once, it measures several targets in one run
+//! (the benchmark: the floor and the broker's hot RPCs): the callers run each target's RPC in
+//! turn for `--phase`, so every target is measured across the same seconds and a drift of the
+//! machine falls on all of them alike. It then prints one `RESULT` line per target.
 
 #[path = "common/floor_pb.rs"]
 mod floor_pb;
@@ -44,8 +49,17 @@ struct Args {
     /// The caller's bearer token (`session-broker dev` prints one).
     #[arg(long, env = "BROKER_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    #[arg(long, value_enum)]
-    rpc: Rpc,
+    #[arg(long, value_enum, required_unless_present = "targets")]
+    rpc: Option<Rpc>,
+    /// Measure several targets in one run, taking turns (`RPC,ADDR[,PID]`, PID as for
+    /// `--cpu-of`; e.g. `floor,http://127.0.0.1:7000,4242`). Replaces `--rpc`, `--addr` and
+    /// `--cpu-of`.
+    #[arg(long = "target", value_parser = TargetSpec::parse, conflicts_with_all = ["rpc", "report_every"])]
+    targets: Vec<TargetSpec>,
+    /// With several targets: how long each one runs before the next one's turn. The first tenth
+    /// of a turn is not measured, so the calls of the previous turn have drained.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
+    phase: Duration,
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
@@ -125,12 +139,45 @@ impl Window {
     }
 }
 
-/// Everything a caller needs to run its RPC.
+/// What to measure: an RPC, where, and whose CPU time to count for it.
+#[derive(Clone, Debug)]
+struct TargetSpec {
+    rpc: Rpc,
+    addr: String,
+    cpu_of: Option<u32>,
+}
+
+impl TargetSpec {
+    fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let (Some(rpc), Some(addr)) = (parts.next(), parts.next()) else {
+            return Err("expected RPC,ADDR[,PID]".into());
+        };
+        let rpc = Rpc::from_str(rpc, true)?;
+        let cpu_of = match parts.next() {
+            Some(pid) => Some(pid.parse().map_err(|_| format!("{pid:?} is not a pid"))?),
+            None => None,
+        };
+        if parts.next().is_some() {
+            return Err("expected RPC,ADDR[,PID]".into());
+        }
+        Ok(TargetSpec {
+            rpc,
+            addr: addr.to_owned(),
+            cpu_of,
+        })
+    }
+}
+
+/// Everything a caller needs to run one target's RPC.
 struct Target {
+    rpc: Rpc,
+    cpu_of: Option<u32>,
     clients: Vec<Client>,
     /// The same connections, for the timed unary calls (`unary`).
     raw: Vec<Raw>,
-    args: Args,
+    sessions: Sessions,
+    args: Arc<Args>,
 }
 
 type Raw = tonic::client::Grpc<InterceptedService<Channel, Bearer>>;
@@ -144,16 +191,31 @@ struct Discard {}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
-    let target = Arc::new(connect(args).await?);
-    prepare(&target).await?;
-    let totals = run(target.clone()).await;
-    report_total(&target.args, &totals);
+    let args = Arc::new(Args::parse());
+    let specs = match args.rpc {
+        Some(rpc) => vec![TargetSpec {
+            rpc,
+            addr: args.addr.clone(),
+            cpu_of: args.cpu_of,
+        }],
+        None => args.targets.clone(),
+    };
+    let mut targets = Vec::new();
+    for spec in specs {
+        let target = connect(spec, args.clone()).await?;
+        prepare(&target).await?;
+        targets.push(target);
+    }
+    let targets = Arc::new(targets);
+    let figures = run(targets.clone()).await;
+    for (target, figures) in targets.iter().zip(figures) {
+        report_total(target, figures);
+    }
     Ok(())
 }
 
-async fn connect(args: Args) -> Result<Target, Box<dyn std::error::Error>> {
-    let uri: tonic::codegen::http::Uri = args.addr.parse()?;
+async fn connect(spec: TargetSpec, args: Arc<Args>) -> Result<Target, Box<dyn std::error::Error>> {
+    let uri: tonic::codegen::http::Uri = spec.addr.parse()?;
     let loopback = matches!(
         uri.host(),
         Some("127.0.0.1" | "localhost" | "[::1]" | "::1")
@@ -161,7 +223,7 @@ async fn connect(args: Args) -> Result<Target, Box<dyn std::error::Error>> {
     if !loopback {
         return Err(format!(
             "{}: the load generator runs against loopback only",
-            args.addr
+            spec.addr
         )
         .into());
     }
@@ -172,7 +234,7 @@ async fn connect(args: Args) -> Result<Target, Box<dyn std::error::Error>> {
     let mut clients = Vec::new();
     let mut raw = Vec::new();
     for _ in 0..args.connections.max(1) {
-        let channel = Channel::from_shared(args.addr.clone())?.connect().await?;
+        let channel = Channel::from_shared(spec.addr.clone())?.connect().await?;
         clients.push(SessionBrokerClient::with_interceptor(
             channel.clone(),
             bearer.clone(),
@@ -183,12 +245,19 @@ async fn connect(args: Args) -> Result<Target, Box<dyn std::error::Error>> {
             bearer.clone(),
         )));
     }
-    Ok(Target { clients, raw, args })
+    Ok(Target {
+        rpc: spec.rpc,
+        cpu_of: spec.cpu_of,
+        clients,
+        raw,
+        sessions: Sessions::default(),
+        args,
+    })
 }
 
 /// Signs the sessions in and fills the PDS token cache, so the measured calls find both ready.
-async fn prepare(target: &Arc<Target>) -> Result<(), Box<dyn std::error::Error>> {
-    if target.args.rpc == Rpc::Floor {
+async fn prepare(target: &Target) -> Result<(), Box<dyn std::error::Error>> {
+    if target.rpc == Rpc::Floor {
         return Ok(());
     }
     let started = Instant::now();
@@ -198,7 +267,7 @@ async fn prepare(target: &Arc<Target>) -> Result<(), Box<dyn std::error::Error>>
         let token = sign_in(client.clone(), &target.args)
             .await
             .map_err(|e| format!("signing session {i} in: {e}"))?;
-        if matches!(target.args.rpc, Rpc::GetPdsToken | Rpc::Mixed) {
+        if matches!(target.rpc, Rpc::GetPdsToken | Rpc::Mixed) {
             pds_token(client, &token)
                 .await
                 .map_err(|s| format!("first GetPdsToken: {}", reason(&s)))?;
@@ -210,14 +279,14 @@ async fn prepare(target: &Arc<Target>) -> Result<(), Box<dyn std::error::Error>>
         sessions.len(),
         started.elapsed()
     );
-    SESSIONS.set_once(sessions);
+    target.sessions.set_once(sessions);
     Ok(())
 }
 
-/// The signed-in sessions, set once before the run; `--renew-sessions` replaces one whose
-/// sign-in has run out.
+/// A target's signed-in sessions, set once before the run; `--renew-sessions` replaces one
+/// whose sign-in has run out.
+#[derive(Default)]
 struct Sessions(std::sync::OnceLock<Vec<Mutex<String>>>);
-static SESSIONS: Sessions = Sessions(std::sync::OnceLock::new());
 impl Sessions {
     fn set_once(&self, s: Vec<String>) {
         let _ = self.0.set(s.into_iter().map(Mutex::new).collect());
@@ -331,9 +400,9 @@ fn reason(status: &tonic::Status) -> String {
 async fn call_once(target: &Target, worker: usize, n: u64) -> Result<Done, String> {
     let conn = worker % target.clients.len();
     let slot = worker + n as usize;
-    let session = SESSIONS.get(slot);
+    let session = target.sessions.get(slot);
     let session = session.as_str();
-    let rpc = match target.args.rpc {
+    let rpc = match target.rpc {
         Rpc::Mixed => match (n.wrapping_mul(2654435761) >> 7) % 100 {
             0 => Rpc::Login,
             1..=14 => Rpc::GetPdsToken,
@@ -379,7 +448,7 @@ async fn call_once(target: &Target, worker: usize, n: u64) -> Result<Done, Strin
             if r == "SESSION_INVALID" && rpc == Rpc::GetPdsToken && target.args.renew_sessions =>
         {
             let fresh = sign_in(target.clients[conn].clone(), &target.args).await?;
-            SESSIONS.replace(slot, fresh);
+            target.sessions.replace(slot, fresh);
             Ok(Done::Renewed)
         }
         Err(r) => Err(r),
@@ -411,26 +480,102 @@ where
     .map(|_| ())
 }
 
-/// Runs the callers; returns the measured figures per interval (index 0 first).
-async fn run(target: Arc<Target>) -> Vec<Window> {
-    let args = &target.args;
-    let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let end = measure_from + args.duration;
+/// When each target runs, and which calls are measured. With one target: every call from the
+/// end of the warm-up. With n targets, target k runs in turns k, k + n, k + 2n, ... of
+/// `--phase` each, and a call is measured when it starts after the first tenth of its turn.
+#[derive(Clone, Copy)]
+struct Schedule {
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+    phase: Duration,
+    settle: Duration,
+    targets: usize,
+}
+
+impl Schedule {
+    fn new(args: &Args, targets: usize, start: Instant) -> Self {
+        let measure_from = start + args.warmup;
+        let end = measure_from + args.duration;
+        let (phase, settle) = if targets > 1 {
+            let phase = args.phase.max(Duration::from_millis(10));
+            (phase, phase / 10)
+        } else {
+            // One turn, the whole run.
+            ((end - start).max(Duration::from_nanos(1)), Duration::ZERO)
+        };
+        Schedule {
+            start,
+            measure_from,
+            end,
+            phase,
+            settle,
+            targets: targets.max(1),
+        }
+    }
+
+    /// The target whose turn it is at `t`, and whether a call starting then is measured.
+    fn at(&self, t: Instant) -> (usize, bool) {
+        let since = t.saturating_duration_since(self.start).as_nanos();
+        let phase = self.phase.as_nanos();
+        let target = ((since / phase) % self.targets as u128) as usize;
+        let measured =
+            t >= self.measure_from && t < self.end && since % phase >= self.settle.as_nanos();
+        (target, measured)
+    }
+
+    /// The measured part of every turn, `(target, from, to)`, in time order.
+    fn spans(self) -> impl Iterator<Item = (usize, Instant, Instant)> {
+        (0u64..)
+            .map(move |k| {
+                let begin = self.start
+                    + Duration::from_nanos(k.saturating_mul(self.phase.as_nanos() as u64));
+                (k, begin)
+            })
+            .take_while(move |(_, begin)| *begin < self.end)
+            .filter_map(move |(k, begin)| {
+                let from = (begin + self.settle).max(self.measure_from);
+                let to = (begin + self.phase).min(self.end);
+                (from < to).then_some(((k % self.targets as u64) as usize, from, to))
+            })
+    }
+
+    /// How long `target` was measured, for a run whose callers stopped at `stopped`.
+    fn measured(self, target: usize, stopped: Instant) -> Duration {
+        self.spans()
+            .filter(|(t, _, _)| *t == target)
+            .map(|(_, from, to)| to.min(stopped).saturating_duration_since(from))
+            .sum()
+    }
+}
+
+/// A target's measured figures: per interval (index 0 first), over what time, at what CPU cost.
+struct Figures {
+    windows: Vec<Window>,
+    measured: Duration,
+    /// CPU time of the target's `--cpu-of` process over its measured spans.
+    cpu_nanos: Option<u64>,
+}
+
+/// Runs the callers, taking turns between the targets; returns each target's figures.
+async fn run(targets: Arc<Vec<Target>>) -> Vec<Figures> {
+    let args = targets[0].args.clone();
+    let n = targets.len();
+    let schedule = Schedule::new(&args, n, Instant::now());
+    let (measure_from, end) = (schedule.measure_from, schedule.end);
     let every = args
         .report_every
         .unwrap_or(args.duration)
         .max(Duration::from_millis(100));
     let intervals = args.duration.as_micros().div_ceil(every.as_micros()).max(1) as usize;
-    let windows: Arc<Mutex<Vec<Window>>> = Arc::new(Mutex::new(
-        (0..intervals).map(|_| Window::default()).collect(),
+    // windows[target][interval]
+    let windows: Arc<Mutex<Vec<Vec<Window>>>> = Arc::new(Mutex::new(
+        (0..n)
+            .map(|_| (0..intervals).map(|_| Window::default()).collect())
+            .collect(),
     ));
-    let cpu_at_start = args.cpu_of.map(|pid| {
-        tokio::spawn(async move {
-            tokio::time::sleep_until(measure_from.into()).await;
-            cpu_nanos(pid)
-        })
-    });
+    let pids: Vec<Option<u32>> = targets.iter().map(|t| t.cpu_of).collect();
+    let clock = tokio::spawn(cpu_per_target(schedule, pids));
     let budget = Arc::new(std::sync::atomic::AtomicU64::new(args.max_ops));
     let reporter = tokio::spawn(report_intervals(
         windows.clone(),
@@ -441,13 +586,13 @@ async fn run(target: Arc<Target>) -> Vec<Window> {
     ));
     let mut tasks = Vec::new();
     for worker in 0..args.concurrency.max(1) {
-        let target = target.clone();
+        let targets = targets.clone();
         let windows = windows.clone();
         let budget = budget.clone();
         tasks.push(tokio::spawn(async move {
-            let mut local = Window::default();
+            let mut local: Vec<Window> = (0..n).map(|_| Window::default()).collect();
             let mut local_index = 0usize;
-            let mut n = 0u64;
+            let mut calls = 0u64;
             loop {
                 let t0 = Instant::now();
                 if t0 >= end
@@ -461,47 +606,70 @@ async fn run(target: Arc<Target>) -> Vec<Window> {
                 {
                     break;
                 }
-                let outcome = call_once(&target, worker, n).await;
-                n += 1;
-                if t0 < measure_from {
+                let (target, measured) = schedule.at(t0);
+                let outcome = call_once(&targets[target], worker, calls).await;
+                calls += 1;
+                if !measured {
                     continue;
                 }
                 let index = ((t0 - measure_from).as_micros() / every.as_micros()) as usize;
                 let index = index.min(intervals - 1);
                 if index != local_index {
-                    flush(&windows, local_index, std::mem::take(&mut local));
+                    flush(&windows, local_index, &mut local);
                     local_index = index;
                 }
+                let w = &mut local[target];
                 match outcome {
-                    Ok(Done::Renewed) => local.renewed += 1,
-                    Ok(Done::Called) => local
+                    Ok(Done::Renewed) => w.renewed += 1,
+                    Ok(Done::Called) => w
                         .micros
                         .push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX)),
-                    Err(reason) => *local.errors.entry(reason).or_default() += 1,
+                    Err(reason) => *w.errors.entry(reason).or_default() += 1,
                 }
             }
-            flush(&windows, local_index, local);
+            flush(&windows, local_index, &mut local);
         }));
     }
     for t in tasks {
         let _ = t.await;
     }
     reporter.abort();
-    // Every call counted started in the window and has ended by now.
-    if let (Some(pid), Some(start)) = (args.cpu_of, cpu_at_start)
-        && let (Ok(Some(before)), Some(after)) = (start.await, cpu_nanos(pid))
-    {
-        CPU_NANOS.get_or_init(|| after.saturating_sub(before));
-    }
-    let measured = Instant::now().saturating_duration_since(measure_from);
-    // A run cut short by --max-ops is measured over the time it took.
-    MEASURED.get_or_init(|| measured.min(args.duration));
-    std::mem::take(&mut *windows.lock().unwrap_or_else(|p| p.into_inner()))
+    let stopped = Instant::now();
+    // A run cut short by --max-ops has no CPU figure: its last span was never closed.
+    let cpu = if stopped >= end {
+        clock.await.unwrap_or_else(|_| vec![None; n])
+    } else {
+        clock.abort();
+        vec![None; n]
+    };
+    let windows = std::mem::take(&mut *windows.lock().unwrap_or_else(|p| p.into_inner()));
+    windows
+        .into_iter()
+        .zip(cpu)
+        .enumerate()
+        .map(|(target, (windows, cpu_nanos))| Figures {
+            windows,
+            measured: schedule.measured(target, stopped),
+            cpu_nanos,
+        })
+        .collect()
 }
 
-static MEASURED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-/// CPU time of `--cpu-of` over the measured window.
-static CPU_NANOS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+/// The CPU time each target's process spent in that target's measured spans.
+async fn cpu_per_target(schedule: Schedule, pids: Vec<Option<u32>>) -> Vec<Option<u64>> {
+    let mut totals: Vec<Option<u64>> = pids.iter().map(|p| p.map(|_| 0)).collect();
+    for (target, from, to) in schedule.spans() {
+        let Some(pid) = pids[target] else { continue };
+        tokio::time::sleep_until(from.into()).await;
+        let before = cpu_nanos(pid);
+        tokio::time::sleep_until(to.into()).await;
+        totals[target] = match (totals[target], before, cpu_nanos(pid)) {
+            (Some(sum), Some(before), Some(after)) => Some(sum + after.saturating_sub(before)),
+            _ => None,
+        };
+    }
+    totals
+}
 
 /// CPU time a process has used so far, in nanoseconds: the sum of its threads' schedstat.
 fn cpu_nanos(pid: u32) -> Option<u64> {
@@ -513,16 +681,20 @@ fn cpu_nanos(pid: u32) -> Option<u64> {
     Some(total)
 }
 
-fn flush(windows: &Mutex<Vec<Window>>, index: usize, local: Window) {
+/// Adds a caller's figures for one interval to the shared ones, and empties them.
+fn flush(windows: &Mutex<Vec<Vec<Window>>>, index: usize, local: &mut [Window]) {
     let mut w = windows.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(slot) = w.get_mut(index) {
-        slot.merge(local);
+    for (target, figures) in local.iter_mut().enumerate() {
+        if let Some(slot) = w.get_mut(target).and_then(|t| t.get_mut(index)) {
+            slot.merge(std::mem::take(figures));
+        }
     }
 }
 
-/// Prints each interval once the callers have moved past it (they flush on crossing it).
+/// Prints each interval once the callers have moved past it (they flush on crossing it). Only
+/// a run of one target has intervals (`--report-every` excludes `--target`).
 async fn report_intervals(
-    windows: Arc<Mutex<Vec<Window>>>,
+    windows: Arc<Mutex<Vec<Vec<Window>>>>,
     measure_from: Instant,
     every: Duration,
     intervals: usize,
@@ -536,7 +708,7 @@ async fn report_intervals(
         let at = measure_from + every * (i as u32 + 1) + Duration::from_millis(500);
         tokio::time::sleep_until(at.into()).await;
         let mut w = windows.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = w.get_mut(i) {
+        if let Some(slot) = w.first_mut().and_then(|t| t.get_mut(i)) {
             let line = summary(slot, every);
             println!("interval {:>3} {line}{}", i + 1, rss_note(pid));
         }
@@ -591,28 +763,91 @@ fn summary(w: &mut Window, over: Duration) -> String {
     line
 }
 
-fn report_total(args: &Args, windows: &[Window]) {
+fn report_total(target: &Target, figures: Figures) {
     let mut total = Window::default();
-    for w in windows {
-        total.merge(Window {
-            micros: w.micros.clone(),
-            errors: w.errors.clone(),
-            renewed: w.renewed,
-        });
+    for w in figures.windows {
+        total.merge(w);
     }
-    let over = MEASURED.get().copied().unwrap_or(args.duration);
     let calls = total.micros.len() as u64 + total.errors.values().sum::<u64>();
-    let cpu = match CPU_NANOS.get() {
+    let cpu = match figures.cpu_nanos {
         Some(nanos) if calls > 0 => {
-            format!(" cpu_us_per_call={:.1}", *nanos as f64 / 1e3 / calls as f64)
+            format!(" cpu_us_per_call={:.1}", nanos as f64 / 1e3 / calls as f64)
         }
         _ => String::new(),
     };
-    let line = summary(&mut total, over);
+    let line = summary(&mut total, figures.measured);
     println!(
         "RESULT rpc={:?} concurrency={} {line}{cpu}{}",
-        args.rpc,
-        args.concurrency,
-        rss_note(args.watch_pid)
+        target.rpc,
+        target.args.concurrency,
+        rss_note(target.args.watch_pid)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["loadgen", "--warmup", "1s", "--duration", "4s"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).expect("the test's arguments are valid")
+    }
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn one_target_is_measured_from_the_warm_up_to_the_end() {
+        let t0 = Instant::now();
+        let s = Schedule::new(&args(&["--rpc", "get-current-aal"]), 1, t0);
+        assert_eq!(s.at(t0 + MS(999)), (0, false));
+        assert_eq!(s.at(t0 + MS(1000)), (0, true));
+        assert_eq!(s.at(t0 + MS(4999)), (0, true));
+        assert_eq!(s.at(t0 + MS(5000)), (0, false));
+        let spans: Vec<_> = s.spans().collect();
+        assert_eq!(spans, vec![(0, t0 + MS(1000), t0 + MS(5000))]);
+        assert_eq!(s.measured(0, t0 + MS(9000)), MS(4000));
+        // Cut short by --max-ops: measured until the callers stopped.
+        assert_eq!(s.measured(0, t0 + MS(3000)), MS(2000));
+    }
+
+    #[test]
+    fn targets_take_turns_and_the_start_of_a_turn_is_not_measured() {
+        let t0 = Instant::now();
+        let spec = ["--target", "floor,http://127.0.0.1:1"];
+        let s = Schedule::new(&args(&[spec[0], spec[1], "--phase", "500ms"]), 4, t0);
+        // Turn 3 (1.5 s to 2 s) is target 3's; its first 50 ms settle.
+        assert_eq!(s.at(t0 + MS(1520)), (3, false));
+        assert_eq!(s.at(t0 + MS(1550)), (3, true));
+        assert_eq!(s.at(t0 + MS(2000)), (0, false));
+        assert_eq!(s.at(t0 + MS(2499)), (0, true));
+        // Turns in the warm-up are not measured.
+        assert_eq!(s.at(t0 + MS(700)), (1, false));
+        // Turns 2 to 9 fall in the measured 4 s: two for each target, 450 ms measured of each.
+        let spans: Vec<_> = s.spans().collect();
+        assert_eq!(spans.len(), 8);
+        assert_eq!(spans[0], (2, t0 + MS(1050), t0 + MS(1500)));
+        for target in 0..4 {
+            assert_eq!(s.measured(target, t0 + MS(5000)), MS(900));
+        }
+    }
+
+    #[test]
+    fn targets_are_rpc_address_and_an_optional_pid() {
+        let t = TargetSpec::parse("get-pds-token,http://127.0.0.1:50051,42").expect("valid");
+        assert_eq!(
+            (t.rpc, t.addr.as_str(), t.cpu_of),
+            (Rpc::GetPdsToken, "http://127.0.0.1:50051", Some(42))
+        );
+        let t = TargetSpec::parse("floor,http://127.0.0.1:7000").expect("valid");
+        assert_eq!((t.rpc, t.cpu_of), (Rpc::Floor, None));
+        for bad in [
+            "floor",
+            "nope,http://127.0.0.1:1",
+            "floor,http://127.0.0.1:1,x",
+            "floor,a,1,2",
+        ] {
+            assert!(TargetSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

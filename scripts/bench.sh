@@ -5,10 +5,11 @@
 #   scripts/bench.sh                       # ~8 minutes on 2 cores
 #   BENCH_DURATION=5s BENCH_ROUNDS=1 scripts/bench.sh     # shorter
 #
-# Each concurrency runs ROUNDS (5) rounds of floor, GetCurrentAal, GetSession, GetPdsToken, one
-# after the other, so that each ratio compares runs made a few seconds apart: on a shared
-# machine the figures drift by more than the differences measured. Each round starts one
-# further along that list. The table gives the median of the rounds, and each ratio is the
+# Each concurrency runs ROUNDS (5) rounds. A round is one load generator run that takes turns
+# of PHASE (500 ms) between the floor, GetCurrentAal, GetSession and GetPdsToken until each has
+# had DURATION (6 s): on a shared machine the figures drift by more than the differences
+# measured, and turns this short put every target through the same drift. Each round starts
+# one further along that list. The table gives the median of the rounds, and each ratio is the
 # median of the rounds' own ratios.
 #
 # Everything is private and on loopback: its own Redis on a free port, the CIS2 and APIM
@@ -19,6 +20,7 @@ cd "$(dirname "$0")/.."
 
 DURATION=${BENCH_DURATION:-6s}
 WARMUP=${BENCH_WARMUP:-2s}
+PHASE=${BENCH_PHASE:-500ms}
 CONCURRENCIES=${BENCH_CONCURRENCIES:-"16 64"}
 ROUNDS=${BENCH_ROUNDS:-5}
 MEMORY_SESSIONS=${BENCH_MEMORY_SESSIONS:-100000}
@@ -148,14 +150,48 @@ lg() {
   # lg NAME CONCURRENCY ADDR ARGS...: one load generator run, its RESULT line kept under NAME.
   local name=$1 conc=$2 addr=$3; shift 3
   say "$name at $conc callers"
-  if [ -n "${BENCH_PERF:-}" ] && [ "$name" = GetCurrentAal ]; then
-    # BENCH_PERF=FILE: a CPU profile of the broker during this run (perf from linux-perf).
-    perf record -F 499 -p "$broker_pid" -o "$BENCH_PERF" -- sleep 6 >/dev/null 2>&1 &
-  fi
   local line
   line=$(BROKER_TOKEN="$caller_token" $loadgen --addr "$addr" --concurrency "$conc" \
     --duration "$DURATION" --warmup "$WARMUP" --callback "$CALLBACK" "$@" | tee -a /dev/stderr | grep '^RESULT')
   echo "$name $conc $line" >>"$results"
+}
+# round CONCURRENCY N: one load generator run taking turns between the floor and the broker's hot
+# RPCs; each RESULT line is kept under its target's name.
+round() {
+  local conc=$1 n=$2 targets=() args=()
+  targets=("floor,http://127.0.0.1:$floor_port,$floor_pid" "get-current-aal,$broker,$broker_pid"
+    "get-session,$broker,$broker_pid" "get-pds-token,$broker,$broker_pid")
+  # Each round starts one further along the list, so no target always has the first turn.
+  for i in "${!targets[@]}"; do
+    args+=(--target "${targets[$(((i + n - 1) % ${#targets[@]}))]}")
+  done
+  say "round $n of $ROUNDS at $conc callers"
+  BROKER_TOKEN="$caller_token" $loadgen --concurrency "$conc" --phase "$PHASE" \
+    --duration "$((${DURATION%s} * ${#targets[@]}))s" --warmup "$WARMUP" --callback "$CALLBACK" \
+    "${args[@]}" | tee -a /dev/stderr | grep '^RESULT' | while read -r line; do
+    local rpc=${line#RESULT rpc=}; rpc=${rpc%% *}
+    [ "$rpc" = Floor ] && rpc=floor
+    echo "$rpc $conc $line" >>"$results"
+  done
+}
+# BENCH_PERF=FILE: CPU profiles of the broker (perf from linux-perf), one run of each RPC on its
+# own: FILE during GetCurrentAal and FILE.GetPdsToken during GetPdsToken, to set side by side.
+profile() {
+  local conc=$1 rpc name out
+  for rpc in get-current-aal get-pds-token; do
+    out=$BENCH_PERF
+    [ "$rpc" = get-current-aal ] || out="$BENCH_PERF.GetPdsToken"
+    say "perf profile of $rpc at $conc callers into $out"
+    BROKER_TOKEN="$caller_token" $loadgen --addr "$broker" --rpc "$rpc" --concurrency "$conc" \
+      --duration 10s --warmup 3s --callback "$CALLBACK" >"$work/profile-$rpc.txt" 2>&1 &
+    name=$!
+    # The measured window only, not the sign-ins before it.
+    for _ in $(seq 1 200); do grep -q '^signed in' "$work/profile-$rpc.txt" && break; sleep 0.1; done
+    sleep 3
+    perf record -F "${BENCH_PERF_HZ:-999}" -p "$broker_pid" -o "$out" -- sleep 8 >/dev/null 2>&1
+    wait "$name"
+    grep '^RESULT' "$work/profile-$rpc.txt" >&2
+  done
 }
 redis_bench() {
   local conc=$1
@@ -187,25 +223,11 @@ if [ -n "${SOAK_DURATION:-}" ]; then
   exit
 fi
 
-measure() {
-  case $1 in
-    floor) lg floor "$2" "http://127.0.0.1:$floor_port" --rpc floor --cpu-of "$floor_pid" ;;
-    GetCurrentAal) lg GetCurrentAal "$2" "$broker" --rpc get-current-aal --cpu-of "$broker_pid" ;;
-    GetSession) lg GetSession "$2" "$broker" --rpc get-session --cpu-of "$broker_pid" ;;
-    GetPdsToken) lg GetPdsToken "$2" "$broker" --rpc get-pds-token --cpu-of "$broker_pid" ;;
-  esac
-}
-measured=(floor GetCurrentAal GetSession GetPdsToken)
 for conc in $CONCURRENCIES; do
-  for round in $(seq 1 "$ROUNDS"); do
-    say "round $round of $ROUNDS at $conc callers"
-    # Each round starts one further along the list, so no RPC is always measured last.
-    for i in "${!measured[@]}"; do
-      measure "${measured[$(((i + round - 1) % ${#measured[@]}))]}" "$conc"
-    done
-  done
+  for n in $(seq 1 "$ROUNDS"); do round "$conc" "$n"; done
   redis_bench "$conc"
 done
+if [ -n "${BENCH_PERF:-}" ]; then profile "${CONCURRENCIES##* }"; fi
 
 say "sign-ins (StartLogin + simulator + ExchangeCode) and the Redis memory each costs"
 used_before_logins=$($redis INFO memory | awk -F: '/^used_memory:/ {print $2+0}')
@@ -242,10 +264,10 @@ machine="$(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpu
 python3 - "$results" "$DOC" "$machine" "$hwm_kib" "$used_before" "$used_after" \
   "$MEMORY_SESSIONS" "$value_bytes" "$usage_bytes" "$DURATION" \
   "$used_before_logins" "$used_after_logins" "$sessions_before_logins" "$sessions_after_logins" \
-  "$ROUNDS" <<'PY'
+  "$ROUNDS" "$PHASE" <<'PY'
 import re, sys, datetime, statistics
 (results, doc, machine, hwm, before, after, n, value_bytes, usage, duration,
- lbefore, lafter, sbefore, safter, rounds) = sys.argv[1:]
+ lbefore, lafter, sbefore, safter, rounds, phase) = sys.argv[1:]
 runs = {}  # (name, concurrency) -> one dict per round, in order
 for line in open(results):
     name, conc, rest = line.split(" ", 2)
@@ -316,8 +338,9 @@ verdicts.append(f"- Redis memory per session ≤ 2 KiB: **{'met' if worst <= 204
 block = "\n".join([
     "<!-- bench:begin (written by scripts/bench.sh; edit outside these markers) -->",
     f"Run of {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on **{machine}**; "
-    f"{duration} per measurement after a warm-up, load generator on the same machine; "
-    f"{rounds} rounds, medians (ratios: the median of each round's own ratio).",
+    f"load generator on the same machine; {rounds} rounds, each one run taking turns of {phase} "
+    f"between the floor and the broker's RPCs until each had {duration}, after a warm-up; "
+    f"medians (ratios: the median of each round's own ratio).",
     "",
     *out,
     "",
