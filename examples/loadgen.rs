@@ -102,6 +102,10 @@ struct Args {
     /// runs on the machine's cores.
     #[arg(long)]
     cpu_of: Option<u32>,
+    /// Print `measuring` to stderr when the measured window begins (scripts/instructions.sh
+    /// starts counting the server's instructions then).
+    #[arg(long)]
+    announce: bool,
 }
 
 type Client = SessionBrokerClient<InterceptedService<Channel, Bearer>>;
@@ -574,6 +578,12 @@ async fn run(targets: Arc<Vec<Target>>) -> Vec<Figures> {
             .map(|_| (0..intervals).map(|_| Window::default()).collect())
             .collect(),
     ));
+    if args.announce {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            eprintln!("measuring");
+        });
+    }
     let pids: Vec<Option<u32>> = targets.iter().map(|t| t.cpu_of).collect();
     let clock = tokio::spawn(cpu_per_target(schedule, pids));
     let budget = Arc::new(std::sync::atomic::AtomicU64::new(args.max_ops));

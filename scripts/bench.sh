@@ -37,6 +37,19 @@ command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || {
   fi
 }
 
+# scripts/instructions.sh: the servers run under callgrind, which counts their instructions.
+under=()
+if [ -n "${BENCH_INSTRUCTIONS:-}" ]; then
+  command -v valgrind >/dev/null || {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+    else
+      echo "instructions.sh needs valgrind (Debian: apt-get install valgrind)" >&2; exit 1
+    fi
+  }
+  under=(valgrind --tool=callgrind --callgrind-out-file=%q{CALLGRIND_OUT})
+fi
+
 say "building release"
 [ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --locked --examples --bins
 bin=target/release
@@ -59,7 +72,8 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 wait_port() {
-  for _ in $(seq 1 100); do
+  # Up to 30 s: a server under callgrind starts slowly.
+  for _ in $(seq 1 300); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
     sleep 0.1
   done
@@ -77,7 +91,8 @@ redis_url="redis://127.0.0.1:$redis_port"
 
 say "starting the floor"
 floor_port=$(free_port)
-$bin/examples/floor --redis "$redis_url" --listen "127.0.0.1:$floor_port" >"$work/floor.log" 2>&1 &
+CALLGRIND_OUT="$work/callgrind-floor" "${under[@]}" \
+  $bin/examples/floor --redis "$redis_url" --listen "127.0.0.1:$floor_port" >"$work/floor.log" 2>&1 &
 floor_pid=$!
 pids+=($floor_pid)
 wait_port "$floor_port"
@@ -137,8 +152,8 @@ TOML
 encryption_key=$(python3 -c 'import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())')
 BROKER__ENCRYPTION__KEYS="bench:$encryption_key" \
 BROKER__CIS2__CLIENT_SECRET="$(cat "$work/client-secret")" \
-BROKER__APIM__CLIENT_SECRET="$(cat "$work/apim-secret")" \
-  $bin/session-broker serve --config "$work/broker.toml" >"$work/broker.log" 2>&1 &
+BROKER__APIM__CLIENT_SECRET="$(cat "$work/apim-secret")" CALLGRIND_OUT="$work/callgrind-broker" \
+  "${under[@]}" $bin/session-broker serve --config "$work/broker.toml" >"$work/broker.log" 2>&1 &
 broker_pid=$!
 pids+=($broker_pid)
 wait_port "$grpc_port"
@@ -205,6 +220,43 @@ redis_bench() {
 }
 
 broker="http://127.0.0.1:$grpc_port"
+
+if [ -n "${BENCH_INSTRUCTIONS:-}" ]; then
+  # Instructions per call: callgrind counts what the server executed between the start and the
+  # end of the load generator's measured window, whatever else the machine runs meanwhile.
+  instructions() {
+    local name=$1 server=$2 pid=$3 addr=$4 rpc=$5 log="$work/instructions-$1.txt" lgpid
+    BROKER_TOKEN="$caller_token" $loadgen --addr "$addr" --rpc "$rpc" --concurrency 4 --sessions 4 \
+      --duration "${BENCH_INSTRUCTIONS_DURATION:-20s}" --warmup 5s --callback "$CALLBACK" \
+      --announce >"$log" 2>&1 &
+    lgpid=$!
+    for _ in $(seq 1 1200); do grep -q '^measuring' "$log" && break; sleep 0.05; done
+    callgrind_control -z "$pid" >/dev/null
+    wait "$lgpid"
+    callgrind_control -d "$name" "$pid" >/dev/null
+    local calls total
+    calls=$(awk '/^RESULT/ {for (i = 1; i <= NF; i++) if ($i ~ /^(ok|errors)=/) {sub(/^[a-z]+=/, "", $i); n += $i}} END {print n + 0}' "$log")
+    # The dump's file names its trigger (`callgrind_control -d NAME`) and its total (`summary:`).
+    total=$(awk -v want="$name" '/^desc: Trigger:/ {t = ($NF == want)} /^summary:/ && t {print $2}' \
+      "$work/callgrind-$server".* | tail -1)
+    per_call[$name]=$(python3 -c "print(round($total / max($calls, 1)))")
+    printf '%-14s %8s calls %15s instructions %9s a call\n' "$name" "$calls" "$total" "${per_call[$name]}"
+  }
+  declare -A per_call
+  say "instructions per call (callgrind; 4 callers)"
+  instructions floor floor "$floor_pid" "http://127.0.0.1:$floor_port" floor
+  instructions GetCurrentAal broker "$broker_pid" "$broker" get-current-aal
+  instructions GetSession broker "$broker_pid" "$broker" get-session
+  instructions GetPdsToken broker "$broker_pid" "$broker" get-pds-token
+  python3 - "${per_call[floor]}" "${per_call[GetCurrentAal]}" "${per_call[GetSession]}" \
+    "${per_call[GetPdsToken]}" <<'PY'
+import sys
+floor, aal, session, pds = map(int, sys.argv[1:])
+print(f"÷ floor: GetCurrentAal {aal / floor:.2f}, GetSession {session / floor:.2f}, "
+      f"GetPdsToken {pds / floor:.2f}; GetPdsToken ÷ GetCurrentAal {pds / aal:.2f}")
+PY
+  exit
+fi
 
 if [ -n "${SOAK_DURATION:-}" ]; then
   # scripts/soak.sh: mixed load for a long time; RSS, errors and percentiles per interval.
