@@ -219,6 +219,30 @@ mod tests {
     }
 
     #[test]
+    fn opens_a_value_sealed_by_another_aes_256_gcm() {
+        // Sealed by an independent AES-256-GCM (Python's `cryptography`) in this format: records
+        // and grants sealed by earlier versions must keep opening, whatever implements the AEAD.
+        let key = Secret::new("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_string());
+        let ring = KeyRing::new(&[("k2026".into(), key)]).expect("a valid key");
+        use base64::Engine;
+        let sealed = base64::engine::general_purpose::STANDARD
+            .decode(
+                "AQVrMjAyNmRlZmdoaWprbG1ubyk7rQMKmj/xUEItjbkKGJlisWNr5wmXUsWojCmV\
+                 g8Ap5oUppT4y7WGPgBFQk/DxKpPqwUTyCqrzcfqlvGc=",
+            )
+            .expect("valid base64");
+        let aad = b"session|0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            ring.open(&sealed, aad).expect("opens"),
+            b"a session record sealed by an earlier version"
+        );
+        assert_eq!(
+            ring.open(&sealed, b"session|other"),
+            Err(SealError::Corrupt)
+        );
+    }
+
+    #[test]
     fn bad_rings_are_refused() {
         assert_eq!(KeyRing::new(&[]).unwrap_err(), KeyRingError::Empty);
         let short = Secret::new("c2hvcnQ=".to_string());
