@@ -2,7 +2,7 @@
 # Benchmarks the broker against the floor (examples/floor.rs: one gRPC call doing one Redis GET)
 # on this machine, at 16 and 64 concurrent callers, and writes the table into docs/benchmarks.md.
 #
-#   scripts/bench.sh                       # ~8 minutes on 2 cores
+#   scripts/bench.sh                       # ~6 minutes on 2 cores
 #   BENCH_DURATION=5s BENCH_ROUNDS=1 scripts/bench.sh     # shorter
 #
 # Each concurrency runs ROUNDS (5) rounds. A round is one load generator run that takes turns

@@ -93,8 +93,8 @@ impl KeyRing {
 
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, SealError> {
         let (id, key) = &self.keys[0];
-        // A random 96-bit nonce per value, as before: values are sealed far fewer than the
-        // 2^32 times per key that random nonces allow.
+        // A random 96-bit nonce per value. NIST SP 800-38D allows 2^32 seals per key so; see
+        // docs/key-rotation.md for how far a deployment stays below that.
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let id_len =
@@ -230,9 +230,9 @@ mod tests {
     fn opens_a_value_sealed_by_another_aes_256_gcm() {
         // Sealed by an independent AES-256-GCM (Python's `cryptography`) in this format: records
         // and grants sealed by earlier versions must keep opening, whatever implements the AEAD.
+        use base64::Engine;
         let key = Secret::new("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_string());
         let ring = KeyRing::new(&[("k2026".into(), key)]).expect("a valid key");
-        use base64::Engine;
         let sealed = base64::engine::general_purpose::STANDARD
             .decode(
                 "AQVrMjAyNmRlZmdoaWprbG1ubyk7rQMKmj/xUEItjbkKGJlisWNr5wmXUsWojCmV\
