@@ -192,19 +192,19 @@ round() {
 # BENCH_PERF=FILE: CPU profiles of the broker (perf from linux-perf), one run of each RPC on its
 # own: FILE during GetCurrentAal and FILE.GetPdsToken during GetPdsToken, to set side by side.
 profile() {
-  local conc=$1 rpc name out
+  local conc=$1 rpc lgpid out
   for rpc in get-current-aal get-pds-token; do
     out=$BENCH_PERF
     [ "$rpc" = get-current-aal ] || out="$BENCH_PERF.GetPdsToken"
     say "perf profile of $rpc at $conc callers into $out"
     BROKER_TOKEN="$caller_token" $loadgen --addr "$broker" --rpc "$rpc" --concurrency "$conc" \
       --duration 10s --warmup 3s --callback "$CALLBACK" >"$work/profile-$rpc.txt" 2>&1 &
-    name=$!
+    lgpid=$!
     # The measured window only, not the sign-ins before it.
     for _ in $(seq 1 200); do grep -q '^signed in' "$work/profile-$rpc.txt" && break; sleep 0.1; done
     sleep 3
     perf record -F "${BENCH_PERF_HZ:-999}" -p "$broker_pid" -o "$out" -- sleep 8 >/dev/null 2>&1
-    wait "$name"
+    wait "$lgpid"
     grep '^RESULT' "$work/profile-$rpc.txt" >&2
   done
 }
